@@ -1,0 +1,131 @@
+//! One access-log line per request, written when the exchange is over: when the response
+//! body ended, failed, or was dropped because the client went away. Holding the backend's
+//! in-flight guard here ties the slot's lifetime to the response body, not to the handler.
+
+use crate::body::{BodyError, Meter};
+use crate::upstream::backend::InFlight;
+use http::{HeaderValue, Method};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How the exchange ended, as written in the log's `outcome` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The response body was delivered to its end.
+    Complete,
+    /// podproxy answered with its own error response.
+    Refused,
+    /// The upstream body broke or went idle: the client's response was aborted.
+    Aborted,
+    /// The client went away before the end; the upstream request was dropped with it.
+    ClientGone,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Complete => "complete",
+            Outcome::Refused => "refused",
+            Outcome::Aborted => "aborted",
+            Outcome::ClientGone => "client_gone",
+        }
+    }
+}
+
+pub struct Exchange {
+    pub listener: Arc<str>,
+    pub method: Method,
+    pub path: String,
+    pub request_id: HeaderValue,
+    pub upstream: Option<Arc<str>>,
+    pub backend: Option<Arc<str>>,
+    pub status: u16,
+    pub started: Instant,
+    pub ttfb: Option<Duration>,
+    pub bytes_in: Arc<AtomicU64>,
+    pub bytes_out: u64,
+    pub error: Option<String>,
+    pub refused: bool,
+    pub outcome: Option<Outcome>,
+    pub slot: Option<InFlight>,
+}
+
+impl Exchange {
+    pub fn start(listener: Arc<str>, method: Method, path: &str, request_id: HeaderValue) -> Self {
+        // Only the path is logged: no query (it may carry secrets), bounded in length.
+        let path = path.chars().take(256).collect();
+        Exchange {
+            listener,
+            method,
+            path,
+            request_id,
+            upstream: None,
+            backend: None,
+            status: 0,
+            started: Instant::now(),
+            ttfb: None,
+            bytes_in: Arc::new(AtomicU64::new(0)),
+            bytes_out: 0,
+            error: None,
+            refused: false,
+            outcome: None,
+            slot: None,
+        }
+    }
+
+    fn write(&self) {
+        let outcome = self.outcome.unwrap_or(Outcome::ClientGone);
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        tracing::info!(
+            target: "podproxy::access",
+            listener = &*self.listener,
+            method = self.method.as_str(),
+            path = %self.path,
+            status = self.status,
+            upstream = self.upstream.as_deref().unwrap_or("-"),
+            backend = self.backend.as_deref().unwrap_or("-"),
+            bytes_in = self.bytes_in.load(Ordering::Relaxed),
+            bytes_out = self.bytes_out,
+            duration_ms = ms(self.started.elapsed()),
+            ttfb_ms = self.ttfb.map(ms).unwrap_or(-1.0),
+            request_id = self.request_id.to_str().unwrap_or("-"),
+            outcome = outcome.as_str(),
+            error = self.error.as_deref().unwrap_or(""),
+        );
+    }
+}
+
+impl Meter for Exchange {
+    fn frame(&mut self, len: usize) {
+        self.bytes_out += len as u64;
+    }
+
+    fn end(&mut self, result: Result<(), &BodyError>) {
+        self.outcome = Some(match result {
+            Ok(()) if self.refused => Outcome::Refused,
+            Ok(()) => Outcome::Complete,
+            Err(e) => {
+                self.error = Some(e.to_string());
+                Outcome::Aborted
+            }
+        });
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        self.write();
+    }
+}
+
+/// Counts request-body bytes into the exchange's shared counter.
+pub struct CountIn(pub Arc<AtomicU64>);
+
+impl Meter for CountIn {
+    fn frame(&mut self, len: usize) {
+        self.0.fetch_add(len as u64, Ordering::Relaxed);
+    }
+
+    fn end(&mut self, _: Result<(), &BodyError>) {}
+}

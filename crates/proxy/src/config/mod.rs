@@ -1,0 +1,380 @@
+//! Configuration: the external TOML format (`file`), `${VAR}` expansion (`env`), and the
+//! validated internal form below that the rest of podproxy runs on. Validation happens once,
+//! up front, so a running proxy never meets a half-valid setting and every error can name
+//! the key that caused it.
+
+pub mod env;
+pub mod file;
+
+use serde::Serialize;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+/// The default config, compiled in so `podproxy` with no arguments runs the pod-front layout.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../../../config/podproxy.toml");
+
+/// A config that failed to load. `key` is the dotted path of the offending setting.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("environment expansion failed at {0}")]
+    Env(#[from] env::EnvError),
+    #[error("{key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The validated config every other module runs on.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub listeners: Vec<ListenerConfig>,
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerConfig {
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    pub log_format: LogFormat,
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub strip_version_prefix: bool,
+    pub max_connections: usize,
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteConfig {
+    pub prefix: String,
+    pub upstream: String,
+    pub strip_prefix: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub backends: Vec<BackendAddr>,
+    pub rewrite_host: bool,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub response_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+    pub max_idle_per_backend: usize,
+}
+
+/// One backend origin (`http://host:port`), kept as text for logs and as parts for requests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
+pub struct BackendAddr {
+    pub scheme: http::uri::Scheme,
+    pub authority: http::uri::Authority,
+}
+
+impl From<BackendAddr> for String {
+    fn from(b: BackendAddr) -> String {
+        b.to_string()
+    }
+}
+
+impl std::fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}://{}", self.scheme, self.authority)
+    }
+}
+
+/// Defaults, chosen so no legitimate Gonka call is ever cut (see README "Timeouts").
+pub mod defaults {
+    use std::time::Duration;
+    pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+    /// nginx's stock config resets streams beyond ~250; a Gonka node registers 500.
+    pub const MAX_CONNECTIONS: usize = 10_000;
+    /// Slowloris guard, also covers HTTP/1-vs-2 detection.
+    pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+    /// `POST /api/v1/inference/up` blocks until vLLM is up: up to ~20 minutes.
+    pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+    /// Gap allowed between two body frames (either direction).
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+    /// Below uvicorn/vLLM's 5 s keepalive, so we never reuse a connection they are closing.
+    pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+    pub const MAX_IDLE_PER_BACKEND: usize = 1024;
+}
+
+impl Config {
+    /// Loads a config file (or the embedded default when `path` is None), expanding env vars.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.display().to_string(),
+                source,
+            })?,
+            None => EMBEDDED_DEFAULT.to_string(),
+        };
+        Self::from_toml(&env::expand_env(&text)?)
+    }
+
+    /// Parses already-expanded TOML text and validates it.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::parse(text).map_err(|e| invalid("(toml)", e.to_string()))?;
+        let file: file::FileConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." {
+                "(top level)".into()
+            } else {
+                key
+            };
+            invalid(key, e.into_inner().message().trim().to_string())
+        })?;
+        validate(file)
+    }
+
+    pub fn upstream_index(&self, name: &str) -> Option<usize> {
+        self.upstreams.iter().position(|u| u.name == name)
+    }
+
+    /// The effective config as TOML, for `podproxy check`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
+    }
+}
+
+fn validate(file: file::FileConfig) -> Result<Config, ConfigError> {
+    let server = ServerConfig {
+        shutdown_grace: file
+            .server
+            .shutdown_grace
+            .unwrap_or(defaults::SHUTDOWN_GRACE),
+        log_format: match file.server.log_format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(invalid(
+                    "server.log_format",
+                    format!("must be \"text\" or \"json\", not {other:?}"),
+                ))
+            }
+        },
+        log_level: file.server.log_level.unwrap_or_else(|| "info".into()),
+    };
+
+    let mut upstreams = Vec::new();
+    for (name, u) in file.upstreams {
+        upstreams.push(validate_upstream(name, u)?);
+    }
+
+    if file.listeners.is_empty() {
+        return Err(invalid("listeners", "at least one listener is required"));
+    }
+    let mut listeners = Vec::new();
+    let mut binds: Vec<(SocketAddr, String)> = Vec::new();
+    for (name, l) in file.listeners {
+        let key = format!("listeners.{name}");
+        let bind: SocketAddr = l.bind.parse().map_err(|_| {
+            invalid(
+                format!("{key}.bind"),
+                format!("{:?} is not an address like 0.0.0.0:8080", l.bind),
+            )
+        })?;
+        if let Some((_, other)) = binds.iter().find(|(b, _)| *b == bind && bind.port() != 0) {
+            return Err(invalid(
+                format!("{key}.bind"),
+                format!("{bind} is already used by listener {other}"),
+            ));
+        }
+        binds.push((bind, name.clone()));
+        let max_connections = l.max_connections.unwrap_or(defaults::MAX_CONNECTIONS);
+        if max_connections == 0 {
+            return Err(invalid(
+                format!("{key}.max_connections"),
+                "must be at least 1",
+            ));
+        }
+        let header_timeout = l.header_timeout.unwrap_or(defaults::HEADER_TIMEOUT);
+        if header_timeout.is_zero() {
+            return Err(invalid(
+                format!("{key}.header_timeout"),
+                "must be above zero",
+            ));
+        }
+        if l.routes.is_empty() {
+            return Err(invalid(
+                format!("{key}.routes"),
+                "at least one route is required",
+            ));
+        }
+        let mut routes: Vec<RouteConfig> = Vec::new();
+        for (i, r) in l.routes.into_iter().enumerate() {
+            let rkey = format!("{key}.routes[{i}]");
+            if !r.prefix.starts_with('/') {
+                return Err(invalid(
+                    format!("{rkey}.prefix"),
+                    format!("{:?} must start with /", r.prefix),
+                ));
+            }
+            if routes.iter().any(|o| o.prefix == r.prefix) {
+                return Err(invalid(
+                    format!("{rkey}.prefix"),
+                    format!("{:?} appears twice in this listener", r.prefix),
+                ));
+            }
+            if !upstreams.iter().any(|u| u.name == r.upstream) {
+                let known: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
+                return Err(invalid(
+                    format!("{rkey}.upstream"),
+                    format!(
+                        "no upstream named {:?} (known: {})",
+                        r.upstream,
+                        known.join(", ")
+                    ),
+                ));
+            }
+            routes.push(RouteConfig {
+                prefix: r.prefix,
+                upstream: r.upstream,
+                strip_prefix: r.strip_prefix,
+            });
+        }
+        listeners.push(ListenerConfig {
+            name,
+            bind,
+            strip_version_prefix: l.strip_version_prefix,
+            max_connections,
+            header_timeout,
+            routes,
+        });
+    }
+    Ok(Config {
+        server,
+        listeners,
+        upstreams,
+    })
+}
+
+fn validate_upstream(
+    name: String,
+    u: file::UpstreamSection,
+) -> Result<UpstreamConfig, ConfigError> {
+    let key = format!("upstreams.{name}");
+    let items = u.urls.items();
+    if items.is_empty() {
+        return Err(invalid(
+            format!("{key}.urls"),
+            "at least one URL is required",
+        ));
+    }
+    let mut backends = Vec::new();
+    for item in items {
+        let b = parse_backend(&item).map_err(|reason| invalid(format!("{key}.urls"), reason))?;
+        if backends.contains(&b) {
+            return Err(invalid(
+                format!("{key}.urls"),
+                format!("{item} is listed twice"),
+            ));
+        }
+        backends.push(b);
+    }
+    let pool_idle_timeout = u.pool_idle_timeout.unwrap_or(defaults::POOL_IDLE_TIMEOUT);
+    if pool_idle_timeout >= Duration::from_secs(5) {
+        tracing::warn!(
+            upstream = %name,
+            "pool_idle_timeout {} is not below uvicorn/vLLM's 5 s keepalive; expect stale connections",
+            humantime::format_duration(pool_idle_timeout)
+        );
+    }
+    let nonzero = |d: Option<Duration>, def: Duration, field: &str| {
+        let d = d.unwrap_or(def);
+        if d.is_zero() {
+            Err(invalid(format!("{key}.{field}"), "must be above zero"))
+        } else {
+            Ok(d)
+        }
+    };
+    Ok(UpstreamConfig {
+        backends,
+        rewrite_host: u.rewrite_host,
+        connect_timeout: nonzero(
+            u.connect_timeout,
+            defaults::CONNECT_TIMEOUT,
+            "connect_timeout",
+        )?,
+        response_timeout: nonzero(
+            u.response_timeout,
+            defaults::RESPONSE_TIMEOUT,
+            "response_timeout",
+        )?,
+        idle_timeout: nonzero(u.idle_timeout, defaults::IDLE_TIMEOUT, "idle_timeout")?,
+        pool_idle_timeout,
+        max_idle_per_backend: u
+            .max_idle_per_backend
+            .unwrap_or(defaults::MAX_IDLE_PER_BACKEND),
+        name,
+    })
+}
+
+/// Parses `http://host:port` (a trailing `/` is allowed; any other path is refused because
+/// podproxy forwards the client's path byte for byte and never prepends one).
+pub fn parse_backend(text: &str) -> Result<BackendAddr, String> {
+    let uri: http::Uri = text
+        .parse()
+        .map_err(|e| format!("{text:?} is not a URL: {e}"))?;
+    let scheme = uri
+        .scheme()
+        .cloned()
+        .ok_or_else(|| format!("{text:?} needs a scheme (http://)"))?;
+    if scheme != http::uri::Scheme::HTTP {
+        return Err(format!(
+            "{text:?}: only http:// upstreams are supported in this build"
+        ));
+    }
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| format!("{text:?} needs a host"))?;
+    if authority.host().is_empty() {
+        return Err(format!("{text:?} needs a host"));
+    }
+    if authority.as_str().contains('@') {
+        return Err(format!(
+            "{text:?}: credentials in upstream URLs are not supported"
+        ));
+    }
+    if !matches!(uri.path_and_query().map(|p| p.as_str()), None | Some("/")) {
+        return Err(format!(
+            "{text:?}: an upstream URL cannot carry a path; use a route with strip_prefix instead"
+        ));
+    }
+    Ok(BackendAddr { scheme, authority })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,186 @@
+//! The one error type for responses podproxy generates itself, and its mapping to HTTP.
+//! Upstream statuses never pass through here: a 404 from the mlnode is meaningful to the
+//! DAPI and reaches the client untouched.
+
+use crate::body::Relay;
+use http::{header, HeaderValue, Response, StatusCode};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route matches this path")]
+    NoRoute,
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("request body larger than {limit} bytes")]
+    PayloadTooLarge { limit: u64 },
+    #[error("missing or invalid bearer token")]
+    Unauthorized,
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    #[error("upstream {upstream} has no healthy backend")]
+    NoHealthyBackend { upstream: String },
+    #[error("upstream {upstream}: every backend is at its concurrency limit")]
+    Overloaded { upstream: String },
+    #[error("cannot connect to upstream {upstream} ({backend}): {detail}")]
+    Connect {
+        upstream: String,
+        backend: String,
+        detail: String,
+    },
+    #[error("upstream {upstream} ({backend}) failed: {detail}")]
+    UpstreamBroken {
+        upstream: String,
+        backend: String,
+        detail: String,
+    },
+    #[error("upstream {upstream} ({backend}) sent no response headers within {}", humantime::format_duration(*.timeout))]
+    UpstreamTimeout {
+        upstream: String,
+        backend: String,
+        timeout: Duration,
+    },
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ProxyError::NoHealthyBackend { .. } | ProxyError::Overloaded { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::Connect { .. } | ProxyError::UpstreamBroken { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// Stable machine-readable name, used in the JSON body and in logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProxyError::NoRoute => "no_route",
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::PayloadTooLarge { .. } => "payload_too_large",
+            ProxyError::Unauthorized => "unauthorized",
+            ProxyError::Forbidden(_) => "forbidden",
+            ProxyError::NoHealthyBackend { .. } => "no_healthy_backend",
+            ProxyError::Overloaded { .. } => "overloaded",
+            ProxyError::Connect { .. } => "upstream_connect",
+            ProxyError::UpstreamBroken { .. } => "upstream_broken",
+            ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
+        }
+    }
+
+    /// The response sent to the client: `{"error":{"type":..,"message":..}}`.
+    pub fn to_response(&self) -> Response<Relay> {
+        let body = serde_json::json!({
+            "error": { "type": self.kind(), "message": self.to_string() }
+        });
+        let mut resp = Response::new(Relay::full(body.to_string()));
+        *resp.status_mut() = self.status();
+        let headers = resp.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        match self {
+            ProxyError::NoHealthyBackend { .. } | ProxyError::Overloaded { .. } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ProxyError::Unauthorized => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"podproxy\""),
+                );
+            }
+            _ => {}
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    /// Pins the status mapping: changing it changes what the DAPI and clients see.
+    #[test]
+    fn mapping_is_pinned() {
+        let (u, b) = ("vllm".to_string(), "http://127.0.0.1:5001".to_string());
+        let cases = [
+            (ProxyError::NoRoute, 404, "no_route"),
+            (ProxyError::BadRequest("x".into()), 400, "bad_request"),
+            (
+                ProxyError::PayloadTooLarge { limit: 1 },
+                413,
+                "payload_too_large",
+            ),
+            (ProxyError::Unauthorized, 401, "unauthorized"),
+            (ProxyError::Forbidden("x".into()), 403, "forbidden"),
+            (
+                ProxyError::NoHealthyBackend {
+                    upstream: u.clone(),
+                },
+                503,
+                "no_healthy_backend",
+            ),
+            (
+                ProxyError::Overloaded {
+                    upstream: u.clone(),
+                },
+                503,
+                "overloaded",
+            ),
+            (
+                ProxyError::Connect {
+                    upstream: u.clone(),
+                    backend: b.clone(),
+                    detail: "x".into(),
+                },
+                502,
+                "upstream_connect",
+            ),
+            (
+                ProxyError::UpstreamBroken {
+                    upstream: u.clone(),
+                    backend: b.clone(),
+                    detail: "x".into(),
+                },
+                502,
+                "upstream_broken",
+            ),
+            (
+                ProxyError::UpstreamTimeout {
+                    upstream: u,
+                    backend: b,
+                    timeout: Duration::from_secs(1),
+                },
+                504,
+                "upstream_timeout",
+            ),
+        ];
+        for (err, status, kind) in cases {
+            assert_eq!(err.status().as_u16(), status, "{err}");
+            assert_eq!(err.kind(), kind);
+        }
+    }
+
+    #[tokio::test]
+    async fn body_is_json_and_503_has_retry_after() {
+        let resp = ProxyError::NoHealthyBackend {
+            upstream: "vllm".into(),
+        }
+        .to_response();
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["type"], "no_healthy_backend");
+        assert!(v["error"]["message"].as_str().unwrap().contains("vllm"));
+    }
+}

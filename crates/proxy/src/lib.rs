@@ -1,0 +1,18 @@
+//! podproxy: a streaming reverse proxy for Gonka ML nodes. See the README and
+//! design.md for the behaviour contract; `forward` reads as one request's way.
+
+pub mod access_log;
+pub mod body;
+pub mod config;
+pub mod detect;
+pub mod error;
+pub mod forward;
+pub mod headers;
+pub mod logging;
+pub mod route;
+pub mod server;
+pub mod signals;
+pub mod upstream;
+
+pub use config::Config;
+pub use server::Server;

@@ -1,0 +1,234 @@
+//! The route table of one listener: optional version-segment strip, then longest-prefix
+//! match, then optional prefix strip. Works on the raw request-target: nothing is decoded
+//! or normalised, so `%252F` and `//` reach the upstream exactly as the client sent them.
+
+use crate::config::ListenerConfig;
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub prefix: String,
+    /// Index into the runtime's upstream list.
+    pub upstream: usize,
+    pub strip_prefix: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteTable {
+    strip_version_prefix: bool,
+    /// Sorted by prefix length, longest first, so the first hit is the longest match.
+    routes: Vec<Route>,
+}
+
+/// A routing decision: which route, and the path-and-query to send upstream.
+#[derive(Debug)]
+pub struct Matched<'a> {
+    pub route: &'a Route,
+    pub path_and_query: String,
+}
+
+impl RouteTable {
+    /// Builds the table; `upstream_index` maps upstream names (already validated) to indices.
+    pub fn new(cfg: &ListenerConfig, upstream_index: impl Fn(&str) -> Option<usize>) -> Self {
+        let mut routes: Vec<Route> = cfg
+            .routes
+            .iter()
+            .filter_map(|r| {
+                Some(Route {
+                    prefix: r.prefix.clone(),
+                    upstream: upstream_index(&r.upstream)?,
+                    strip_prefix: r.strip_prefix,
+                })
+            })
+            .collect();
+        routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        RouteTable {
+            strip_version_prefix: cfg.strip_version_prefix,
+            routes,
+        }
+    }
+
+    /// Routes a raw `path?query` (origin-form request-target).
+    pub fn resolve(&self, path_and_query: &str) -> Option<Matched<'_>> {
+        let target = if self.strip_version_prefix {
+            strip_version_segment(path_and_query)
+        } else {
+            std::borrow::Cow::Borrowed(path_and_query)
+        };
+        let (path, _) = split_query(&target);
+        let route = self.routes.iter().find(|r| path.starts_with(&r.prefix))?;
+        let path_and_query = if route.strip_prefix {
+            let rest = &target[route.prefix.len()..];
+            if rest.starts_with('/') {
+                rest.to_string()
+            } else {
+                format!("/{rest}")
+            }
+        } else {
+            target.into_owned()
+        };
+        Some(Matched {
+            route,
+            path_and_query,
+        })
+    }
+}
+
+fn split_query(target: &str) -> (&str, &str) {
+    match target.find('?') {
+        Some(i) => (&target[..i], &target[i..]),
+        None => (target, ""),
+    }
+}
+
+/// Length of a leading `/v<major>.<minor>.<patch>[suffix]` segment, if there is one.
+/// `/v1/` is not a version segment (it is the OpenAI API), only three dotted numbers are.
+pub fn version_segment_len(path: &str) -> Option<usize> {
+    let rest = path.strip_prefix("/v")?;
+    let seg_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let seg = &rest[..seg_end];
+    let mut parts = seg.splitn(3, '.');
+    let major = parts.next()?;
+    let minor = parts.next()?;
+    let patch_and_suffix = parts.next()?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let patch_len = patch_and_suffix
+        .bytes()
+        .take_while(u8::is_ascii_digit)
+        .count();
+    if digits(major) && digits(minor) && patch_len > 0 {
+        Some(2 + seg_end)
+    } else {
+        None
+    }
+}
+
+/// `/v3.0.8/api/v1/state?x` → `/api/v1/state?x`; `/v3.0.8` → `/`; anything else unchanged.
+pub fn strip_version_segment(target: &str) -> std::borrow::Cow<'_, str> {
+    match version_segment_len(target) {
+        Some(n) => {
+            let rest = &target[n..];
+            if rest.starts_with('/') {
+                std::borrow::Cow::Borrowed(rest)
+            } else {
+                std::borrow::Cow::Owned(format!("/{rest}"))
+            }
+        }
+        None => std::borrow::Cow::Borrowed(target),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RouteConfig;
+
+    fn table(strip_version: bool, routes: &[(&str, &str, bool)]) -> RouteTable {
+        let cfg = ListenerConfig {
+            name: "t".into(),
+            bind: "127.0.0.1:0".parse().unwrap(),
+            strip_version_prefix: strip_version,
+            max_connections: 1,
+            header_timeout: std::time::Duration::from_secs(1),
+            routes: routes
+                .iter()
+                .map(|(p, u, s)| RouteConfig {
+                    prefix: p.to_string(),
+                    upstream: u.to_string(),
+                    strip_prefix: *s,
+                })
+                .collect(),
+        };
+        RouteTable::new(&cfg, |n| match n {
+            "mlnode" => Some(0),
+            "vllm" => Some(1),
+            _ => None,
+        })
+    }
+
+    fn resolve(t: &RouteTable, target: &str) -> Option<(usize, String)> {
+        t.resolve(target)
+            .map(|m| (m.route.upstream, m.path_and_query))
+    }
+
+    #[test]
+    fn longest_prefix_wins_regardless_of_order() {
+        let t = table(false, &[("/", "mlnode", false), ("/v1/", "vllm", false)]);
+        assert_eq!(
+            resolve(&t, "/v1/chat/completions"),
+            Some((1, "/v1/chat/completions".into()))
+        );
+        assert_eq!(
+            resolve(&t, "/api/v1/state"),
+            Some((0, "/api/v1/state".into()))
+        );
+        assert_eq!(resolve(&t, "/v1"), Some((0, "/v1".into())));
+    }
+
+    #[test]
+    fn no_match_is_none() {
+        let t = table(false, &[("/api/", "mlnode", false)]);
+        assert_eq!(resolve(&t, "/health"), None);
+    }
+
+    #[test]
+    fn strip_prefix_has_nginx_semantics() {
+        let t = table(false, &[("/v3.0.8/", "mlnode", true), ("/x", "vllm", true)]);
+        assert_eq!(
+            resolve(&t, "/v3.0.8/api/v1/state"),
+            Some((0, "/api/v1/state".into()))
+        );
+        assert_eq!(resolve(&t, "/v3.0.8/"), Some((0, "/".into())));
+        assert_eq!(resolve(&t, "/xyz?q=1"), Some((1, "/yz?q=1".into())));
+        assert_eq!(resolve(&t, "/x?q=1"), Some((1, "/?q=1".into())));
+    }
+
+    #[test]
+    fn raw_bytes_survive() {
+        let t = table(true, &[("/", "mlnode", false)]);
+        let raw = "/v3.0.8/v2/poc-batches/Qwen%252FQwen3-32B//generated?a=%2F&b=..%2f";
+        assert_eq!(
+            resolve(&t, raw),
+            Some((
+                0,
+                "/v2/poc-batches/Qwen%252FQwen3-32B//generated?a=%2F&b=..%2f".into()
+            ))
+        );
+    }
+
+    #[test]
+    fn any_version_segment_is_stripped_before_routing() {
+        let t = table(true, &[("/", "mlnode", false), ("/v1/", "vllm", false)]);
+        for v in ["v3.0.8", "v3.0.12", "v10.2.33-rc1", "v0.0.1post2"] {
+            assert_eq!(
+                resolve(&t, &format!("/{v}/api/v1/state")),
+                Some((0, "/api/v1/state".into())),
+                "{v}"
+            );
+            assert_eq!(
+                resolve(&t, &format!("/{v}/v1/models")),
+                Some((1, "/v1/models".into())),
+                "{v}"
+            );
+        }
+        assert_eq!(resolve(&t, "/v3.0.8"), Some((0, "/".into())));
+        assert_eq!(resolve(&t, "/v3.0.8?x=1"), Some((0, "/?x=1".into())));
+    }
+
+    #[test]
+    fn non_version_segments_are_left_alone() {
+        for p in [
+            "/v1/models",
+            "/v1.2/x",
+            "/v3.0/x",
+            "/vx.0.1/x",
+            "/v3..8/x",
+            "/v.1.2/x",
+            "/version/x",
+            "/v3.0.a/x",
+        ] {
+            assert_eq!(version_segment_len(p), None, "{p}");
+        }
+        let t = table(true, &[("/", "mlnode", false)]);
+        assert_eq!(resolve(&t, "/v1/models"), Some((0, "/v1/models".into())));
+    }
+}
