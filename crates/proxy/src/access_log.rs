@@ -76,23 +76,34 @@ impl Exchange {
 
     fn write(&self) {
         let outcome = self.outcome.unwrap_or(Outcome::ClientGone);
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        tracing::info!(
-            target: "podproxy::access",
-            listener = &*self.listener,
-            method = self.method.as_str(),
-            path = %self.path,
-            status = self.status,
-            upstream = self.upstream.as_deref().unwrap_or("-"),
-            backend = self.backend.as_deref().unwrap_or("-"),
-            bytes_in = self.bytes_in.load(Ordering::Relaxed),
-            bytes_out = self.bytes_out,
-            duration_ms = ms(self.started.elapsed()),
-            ttfb_ms = self.ttfb.map(ms).unwrap_or(-1.0),
-            request_id = self.request_id.to_str().unwrap_or("-"),
-            outcome = outcome.as_str(),
-            error = self.error.as_deref().unwrap_or(""),
-        );
+        // Milliseconds with microsecond resolution: readable and exact enough.
+        let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+        macro_rules! line {
+            ($level:ident) => {
+                tracing::$level!(
+                    target: "podproxy::access",
+                    listener = &*self.listener,
+                    method = self.method.as_str(),
+                    path = %self.path,
+                    status = self.status,
+                    upstream = self.upstream.as_deref().unwrap_or("-"),
+                    backend = self.backend.as_deref().unwrap_or("-"),
+                    bytes_in = self.bytes_in.load(Ordering::Relaxed),
+                    bytes_out = self.bytes_out,
+                    duration_ms = ms(self.started.elapsed()),
+                    ttfb_ms = self.ttfb.map(ms).unwrap_or(-1.0),
+                    request_id = self.request_id.to_str().unwrap_or("-"),
+                    outcome = outcome.as_str(),
+                    error = self.error.as_deref().unwrap_or(""),
+                )
+            };
+        }
+        // Failures podproxy saw (upstream unreachable, broken streams) stand out as warnings.
+        if outcome == Outcome::Aborted || (outcome == Outcome::Refused && self.status >= 500) {
+            line!(warn);
+        } else {
+            line!(info);
+        }
     }
 }
 

@@ -6,7 +6,8 @@ use crate::access_log::{CountIn, Exchange};
 use crate::body::Relay;
 use crate::error::ProxyError;
 use crate::headers::{self, X_REQUEST_ID};
-use crate::route::RouteTable;
+use crate::poc::Poc;
+use crate::route::{split_query, RouteTable};
 use crate::upstream::Upstream;
 use http::{header, uri, HeaderValue, Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
@@ -22,6 +23,7 @@ pub struct ListenerCtx {
     pub upstreams: Vec<Arc<Upstream>>,
     /// `X-Forwarded-Proto` value: "http" or "https".
     pub proto: &'static str,
+    pub poc: Arc<Poc>,
 }
 
 /// Serves one request. Never fails: errors are responses. Dropping this future (client gone
@@ -70,11 +72,29 @@ async fn forward(
     let matched = ctx.routes.resolve(target).ok_or(ProxyError::NoRoute)?;
     let upstream = &ctx.upstreams[matched.route.upstream];
     ex.upstream = Some(upstream.name.clone());
+    let poc_body = matched.route.poc
+        && ctx
+            .poc
+            .applies(req.method(), split_query(&matched.path_and_query).0);
     let path_and_query = uri::PathAndQuery::try_from(matched.path_and_query)
         .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded".into()))?;
 
     let (mut parts, body) = req.into_parts();
     prepare_request_headers(&mut parts, peer, ctx.proto);
+    let idle = upstream.cfg.idle_timeout;
+    let body = if poc_body {
+        let body = ctx
+            .poc
+            .guard_body(body, &mut parts.headers, idle, path_and_query.path())
+            .await?;
+        ex.bytes_in.store(
+            http_body::Body::size_hint(&body).lower(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        body
+    } else {
+        Relay::stream(body, idle).with_meter(Box::new(CountIn(ex.bytes_in.clone())))
+    };
 
     let slot = upstream.pick()?;
     let backend = slot.backend().clone();
@@ -93,8 +113,6 @@ async fn forward(
             parts.headers.insert(header::HOST, host);
         }
     }
-    let body = Relay::stream(body, upstream.cfg.idle_timeout)
-        .with_meter(Box::new(CountIn(ex.bytes_in.clone())));
 
     let resp = upstream
         .send(&backend, Request::from_parts(parts, body))
@@ -103,6 +121,9 @@ async fn forward(
 
     let (mut parts, body) = resp.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
+    // hyper writes the response in the client's protocol; an HTTP/1.0 upstream (or an h2
+    // client) must not leak its version into the status line.
+    parts.version = Version::HTTP_11;
     Ok(Response::from_parts(
         parts,
         Relay::stream(body, upstream.cfg.idle_timeout),

@@ -9,6 +9,7 @@ pub mod error;
 pub mod forward;
 pub mod headers;
 pub mod logging;
+pub mod poc;
 pub mod route;
 pub mod server;
 pub mod signals;

@@ -10,6 +10,7 @@ pub struct Route {
     /// Index into the runtime's upstream list.
     pub upstream: usize,
     pub strip_prefix: bool,
+    pub poc: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -37,10 +38,11 @@ impl RouteTable {
                     prefix: r.prefix.clone(),
                     upstream: upstream_index(&r.upstream)?,
                     strip_prefix: r.strip_prefix,
+                    poc: r.poc,
                 })
             })
             .collect();
-        routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         RouteTable {
             strip_version_prefix: cfg.strip_version_prefix,
             routes,
@@ -73,7 +75,8 @@ impl RouteTable {
     }
 }
 
-fn split_query(target: &str) -> (&str, &str) {
+/// `(path, "?query")` of a request-target.
+pub fn split_query(target: &str) -> (&str, &str) {
     match target.find('?') {
         Some(i) => (&target[..i], &target[i..]),
         None => (target, ""),
@@ -135,6 +138,7 @@ mod tests {
                     prefix: p.to_string(),
                     upstream: u.to_string(),
                     strip_prefix: *s,
+                    poc: false,
                 })
                 .collect(),
         };

@@ -4,6 +4,7 @@
 use crate::config::{Config, ListenerConfig};
 use crate::detect::{detect, Prefixed, Protocol};
 use crate::forward::{self, ListenerCtx};
+use crate::poc::Poc;
 use crate::route::RouteTable;
 use crate::upstream::Upstream;
 use hyper::service::service_fn;
@@ -55,6 +56,7 @@ impl Server {
             .cloned()
             .map(|u| Arc::new(Upstream::new(u)))
             .collect();
+        let poc = Arc::new(Poc::new(config.poc.clone()));
         let mut listeners = Vec::new();
         for l in &config.listeners {
             let tcp = bind_tcp(l.bind).map_err(|source| StartError::Bind {
@@ -67,6 +69,7 @@ impl Server {
                 routes: RouteTable::new(l, |n| config.upstream_index(n)),
                 upstreams: upstreams.clone(),
                 proto: "http",
+                poc: poc.clone(),
             });
             listeners.push(Bound {
                 cfg: l.clone(),

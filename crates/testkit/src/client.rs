@@ -36,3 +36,10 @@ pub fn empty() -> TkBody {
         .map_err(|never| match never {})
         .boxed_unsync()
 }
+
+/// `now + timeout`, saturating to about 30 years so a huge timeout cannot overflow `Instant`.
+pub(crate) fn deadline(timeout: std::time::Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + std::time::Duration::from_secs(86_400 * 365 * 30))
+}

@@ -185,7 +185,7 @@ impl Recorder {
 
     /// Waits until at least `n` requests were recorded; `false` on timeout.
     pub async fn wait_for(&self, n: usize, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = crate::client::deadline(timeout);
         loop {
             let notified = self.inner.notify.notified();
             tokio::pin!(notified);

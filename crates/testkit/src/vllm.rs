@@ -121,7 +121,7 @@ impl VllmStats {
     /// Waits until `pred` holds; `false` on timeout. Event-driven: re-checked on every
     /// counter change.
     pub async fn wait_until(&self, timeout: Duration, pred: impl Fn(&VllmStats) -> bool) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = crate::client::deadline(timeout);
         loop {
             let notified = self.notify.notified();
             tokio::pin!(notified);

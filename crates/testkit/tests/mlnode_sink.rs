@@ -71,7 +71,7 @@ async fn mlnode_endpoints() {
     let (st, _, b) = get(&c, &format!("{u}/api/v1/unknown")).await;
     assert_eq!(st, 404);
     assert_eq!(json(&b)["detail"], "Not Found");
-    assert_eq!(sim.recorder().count(), 16);
+    assert_eq!(sim.recorder().count(), 15);
 }
 
 #[tokio::test]

@@ -277,3 +277,29 @@ async fn prefill_delays_the_head() {
     assert_eq!(st, 200);
     assert!(started.elapsed() >= Duration::from_millis(50));
 }
+
+/// Dropping a response body mid-stream in hyper's pooled client closes that connection, so
+/// the backend sees the cancellation too (what a proxy does when its client leaves).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_client_body_cancels() {
+    let sim = sim().await;
+    let c = client();
+    let req = Request::post(format!("{}{CHAT}", sim.url()))
+        .header("x-sim-tokens", "100000")
+        .header("x-sim-interval-ms", "5")
+        .body(full(stream_body()))
+        .unwrap();
+    let resp = tokio::time::timeout(T, c.request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut body = resp.into_body();
+    tokio::time::timeout(T, body.frame())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    drop(body);
+    assert!(sim.stats().wait_cancelled(1, T).await);
+    assert!(sim.stats().wait_idle(T).await);
+}

@@ -15,6 +15,21 @@ pub struct FileConfig {
     pub listeners: BTreeMap<String, ListenerSection>,
     #[serde(default)]
     pub upstreams: BTreeMap<String, UpstreamSection>,
+    #[serde(default)]
+    pub poc: PocSection,
+}
+
+/// PoC callback guard (applies on routes with `poc = true`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PocSection {
+    /// Empty means unset, so `"${POC_CALLBACK_URL:-}"` switches the rewrite off.
+    pub callback_origin: Option<String>,
+    pub mode: Option<crate::poc::Mode>,
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    pub paths: Option<Vec<String>>,
+    pub max_body_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -46,6 +61,8 @@ pub struct RouteSection {
     pub upstream: String,
     #[serde(default)]
     pub strip_prefix: bool,
+    #[serde(default)]
+    pub poc: bool,
 }
 
 #[derive(Debug, Deserialize)]

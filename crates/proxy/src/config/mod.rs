@@ -6,6 +6,7 @@
 pub mod env;
 pub mod file;
 
+use crate::poc::{self, PocConfig};
 use serde::Serialize;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -48,6 +49,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub listeners: Vec<ListenerConfig>,
     pub upstreams: Vec<UpstreamConfig>,
+    pub poc: PocConfig,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -74,6 +76,8 @@ pub struct RouteConfig {
     pub prefix: String,
     pub upstream: String,
     pub strip_prefix: bool,
+    /// Body of PoC init/generate requests goes through the callback guard (`[poc]`).
+    pub poc: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -262,6 +266,7 @@ fn validate(file: file::FileConfig) -> Result<Config, ConfigError> {
                 prefix: r.prefix,
                 upstream: r.upstream,
                 strip_prefix: r.strip_prefix,
+                poc: r.poc,
             });
         }
         listeners.push(ListenerConfig {
@@ -273,10 +278,47 @@ fn validate(file: file::FileConfig) -> Result<Config, ConfigError> {
             routes,
         });
     }
+    let poc = validate_poc(file.poc)?;
+    if poc.active() && !listeners.iter().any(|l| l.routes.iter().any(|r| r.poc)) {
+        tracing::warn!(
+            "[poc] is configured but no route has poc = true; PoC bodies pass untouched"
+        );
+    }
     Ok(Config {
         server,
         listeners,
         upstreams,
+        poc,
+    })
+}
+
+fn validate_poc(p: file::PocSection) -> Result<PocConfig, ConfigError> {
+    let defaults = PocConfig::default();
+    let callback_origin = match p.callback_origin.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(text) => Some(poc::parse_origin(text).map_err(|r| invalid("poc.callback_origin", r))?),
+    };
+    let mode = p.mode.unwrap_or(defaults.mode);
+    if mode == poc::Mode::Reject && callback_origin.is_none() {
+        return Err(invalid(
+            "poc.mode",
+            "\"reject\" needs poc.callback_origin (the only origin callbacks may use)",
+        ));
+    }
+    let paths = p.paths.unwrap_or(defaults.paths);
+    if let Some(bad) = paths.iter().find(|p| !p.starts_with('/')) {
+        return Err(invalid("poc.paths", format!("{bad:?} must start with /")));
+    }
+    let max_body_bytes = p.max_body_bytes.unwrap_or(defaults.max_body_bytes);
+    if max_body_bytes == 0 {
+        return Err(invalid("poc.max_body_bytes", "must be above zero"));
+    }
+    Ok(PocConfig {
+        callback_origin,
+        mode,
+        allowed_hosts: p.allowed_hosts,
+        paths,
+        max_body_bytes,
     })
 }
 
