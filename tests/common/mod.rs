@@ -105,3 +105,22 @@ pub async fn eventually(what: &str, cond: impl Fn() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Health checks run by default (`GET /health`, user-agent `podproxy-health`, first one at
+/// start, then every 2 s) and show up in backend recorders. These helpers skip them.
+pub fn is_health_check(r: &testkit::Recorded) -> bool {
+    r.header("user-agent").as_deref() == Some("podproxy-health")
+}
+
+/// Requests the backend received from clients through the proxy (health checks skipped).
+pub fn proxied(rec: &testkit::Recorder) -> Vec<testkit::Recorded> {
+    rec.all()
+        .into_iter()
+        .filter(|r| !is_health_check(r))
+        .collect()
+}
+
+/// The last client request the backend received (health checks skipped).
+pub fn last_proxied(rec: &testkit::Recorder) -> Option<testkit::Recorded> {
+    proxied(rec).pop()
+}

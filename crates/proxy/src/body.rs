@@ -7,6 +7,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
@@ -19,6 +20,8 @@ pub enum BodyError {
     Peer(#[from] hyper::Error),
     #[error("no data for {0:?} (idle timeout)")]
     IdleTimeout(Duration),
+    #[error("request body was already handed to an earlier attempt")]
+    AlreadyTaken,
 }
 
 /// Observes a relayed body. `frame` is called for every data frame; `end` once, when the
@@ -32,6 +35,44 @@ pub trait Meter: Send + 'static {
 enum Source {
     Stream(Incoming),
     Full(Option<Bytes>),
+    /// A `Replayable` body: taken out of its slot on first poll.
+    Slot {
+        slot: Arc<Mutex<Option<Incoming>>>,
+        taken: Option<Incoming>,
+    },
+}
+
+/// A request body that a second attempt can still use as long as the first attempt never
+/// started reading it (hyper polls a request body only once the connection is up, so a
+/// connect failure leaves it untouched). This is what makes retry-on-connect-failure safe
+/// for POST bodies without buffering them.
+pub struct Replayable {
+    slot: Arc<Mutex<Option<Incoming>>>,
+}
+
+impl Replayable {
+    pub fn new(body: Incoming) -> Self {
+        Replayable {
+            slot: Arc::new(Mutex::new(Some(body))),
+        }
+    }
+
+    /// A body for one attempt.
+    pub fn body(&self, idle: Duration) -> Relay {
+        Relay {
+            source: Source::Slot {
+                slot: self.slot.clone(),
+                taken: None,
+            },
+            idle: Some(Idle::new(idle)),
+            meter: None,
+        }
+    }
+
+    /// Whether no attempt has read (or taken) the body yet.
+    pub fn untouched(&self) -> bool {
+        self.slot.lock().map(|s| s.is_some()).unwrap_or(false)
+    }
 }
 
 pub struct Relay {
@@ -43,16 +84,30 @@ pub struct Relay {
 struct Idle {
     limit: Duration,
     timer: Pin<Box<Sleep>>,
+    /// The clock starts at the first poll, not at creation: a request body may wait for a
+    /// connection (or a queue) before anyone reads it.
+    armed: bool,
+}
+
+impl Idle {
+    fn new(limit: Duration) -> Self {
+        Idle {
+            limit,
+            timer: Box::pin(tokio::time::sleep(limit)),
+            armed: false,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.timer.as_mut().reset(Instant::now() + self.limit);
+    }
 }
 
 impl Relay {
     /// Relays a streamed body; `idle` bounds the gap between frames.
     pub fn stream(body: Incoming, idle: Duration) -> Self {
         // An empty body (most GETs) needs no timer.
-        let idle = (!body.is_end_stream()).then(|| Idle {
-            limit: idle,
-            timer: Box::pin(tokio::time::sleep(idle)),
-        });
+        let idle = (!body.is_end_stream()).then(|| Idle::new(idle));
         Relay {
             source: Source::Stream(body),
             idle,
@@ -95,9 +150,29 @@ impl Body for Relay {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        let polled = match &mut this.source {
-            Source::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Source::Stream(body) => match Pin::new(body).poll_frame(cx) {
+        if let Some(idle) = &mut this.idle {
+            if !idle.armed {
+                idle.armed = true;
+                idle.reset();
+            }
+        }
+        let stream = match &mut this.source {
+            Source::Full(bytes) => Some(Err(bytes.take())),
+            Source::Stream(body) => Some(Ok(body)),
+            Source::Slot { slot, taken } => {
+                if taken.is_none() {
+                    *taken = slot.lock().ok().and_then(|mut s| s.take());
+                    if taken.is_none() {
+                        return Poll::Ready(Some(Err(BodyError::AlreadyTaken)));
+                    }
+                }
+                taken.as_mut().map(Ok)
+            }
+        };
+        let polled = match stream {
+            None => Poll::Ready(None),
+            Some(Err(bytes)) => Poll::Ready(bytes.map(|b| Ok(Frame::data(b)))),
+            Some(Ok(body)) => match Pin::new(body).poll_frame(cx) {
                 Poll::Ready(r) => Poll::Ready(r.map(|r| r.map_err(BodyError::from))),
                 Poll::Pending => {
                     if let Some(idle) = &mut this.idle {
@@ -113,7 +188,7 @@ impl Body for Relay {
         match &out {
             Some(Ok(frame)) => {
                 if let Some(idle) = &mut this.idle {
-                    idle.timer.as_mut().reset(Instant::now() + idle.limit);
+                    idle.reset();
                 }
                 if let (Some(m), Some(data)) = (&mut this.meter, frame.data_ref()) {
                     m.frame(data.len());
@@ -129,6 +204,11 @@ impl Body for Relay {
         match &self.source {
             Source::Stream(b) => b.is_end_stream(),
             Source::Full(b) => b.is_none(),
+            Source::Slot { taken: Some(b), .. } => b.is_end_stream(),
+            Source::Slot { slot, .. } => slot
+                .lock()
+                .map(|s| s.as_ref().is_none_or(Body::is_end_stream))
+                .unwrap_or(true),
         }
     }
 
@@ -136,6 +216,12 @@ impl Body for Relay {
         match &self.source {
             Source::Stream(b) => b.size_hint(),
             Source::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Source::Slot { taken: Some(b), .. } => b.size_hint(),
+            Source::Slot { slot, .. } => slot
+                .lock()
+                .ok()
+                .and_then(|s| s.as_ref().map(Body::size_hint))
+                .unwrap_or_default(),
         }
     }
 }

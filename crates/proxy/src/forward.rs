@@ -3,16 +3,21 @@
 //! response through `ProxyError::to_response`.
 
 use crate::access_log::{CountIn, Exchange};
-use crate::body::Relay;
+use crate::body::{Relay, Replayable};
+use crate::config::BackendAddr;
 use crate::error::ProxyError;
 use crate::headers::{self, X_REQUEST_ID};
 use crate::poc::Poc;
 use crate::route::{split_query, RouteTable};
 use crate::upstream::Upstream;
+use bytes::Bytes;
 use http::{header, uri, HeaderValue, Method, Request, Response, Uri, Version};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// What a listener's connections need to forward requests. Shared by all its connections;
 /// a connection keeps the context it started with, so a reload never changes a request
@@ -68,6 +73,7 @@ async fn forward(
     if req.method() == Method::CONNECT {
         return Err(ProxyError::BadRequest("CONNECT is not supported".into()));
     }
+    // Route on the raw request-target: nothing decoded, nothing normalised.
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let matched = ctx.routes.resolve(target).ok_or(ProxyError::NoRoute)?;
     let upstream = &ctx.upstreams[matched.route.upstream];
@@ -83,40 +89,50 @@ async fn forward(
     prepare_request_headers(&mut parts, peer, ctx.proto);
     let idle = upstream.cfg.idle_timeout;
     let body = if poc_body {
-        let body = ctx
+        let bytes = ctx
             .poc
             .guard_body(body, &mut parts.headers, idle, path_and_query.path())
             .await?;
-        ex.bytes_in.store(
-            http_body::Body::size_hint(&body).lower(),
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        body
+        ex.bytes_in.store(bytes.len() as u64, Ordering::Relaxed);
+        RequestBody::Full(bytes)
+    } else if body.is_end_stream() {
+        RequestBody::Full(Bytes::new())
     } else {
-        Relay::stream(body, idle).with_meter(Box::new(CountIn(ex.bytes_in.clone())))
+        RequestBody::Stream(Replayable::new(body))
     };
 
-    let slot = upstream.pick()?;
-    let backend = slot.backend().clone();
-    ex.backend = Some(backend.label.clone());
-    ex.slot = Some(slot);
-
-    let mut uri_parts = uri::Parts::default();
-    uri_parts.scheme = Some(backend.addr.scheme.clone());
-    uri_parts.authority = Some(backend.addr.authority.clone());
-    uri_parts.path_and_query = Some(path_and_query);
-    parts.uri = Uri::from_parts(uri_parts)
-        .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded".into()))?;
-    parts.version = Version::HTTP_11;
-    if upstream.cfg.rewrite_host {
-        if let Ok(host) = HeaderValue::from_str(backend.addr.authority.as_str()) {
-            parts.headers.insert(header::HOST, host);
+    // Pick → send; a connect failure (nothing sent, body untouched) moves on to another
+    // backend. Once an attempt may have reached the upstream, nothing is retried.
+    let mut tried: Vec<usize> = Vec::new();
+    let resp = loop {
+        let (index, slot) = upstream.acquire(&tried).await?;
+        let backend = slot.backend().clone();
+        ex.backend = Some(backend.label.clone());
+        ex.slot = Some(slot);
+        let last_chance = tried.len() + 1 >= upstream.backends().len();
+        let headers = if last_chance {
+            std::mem::take(&mut parts.headers)
+        } else {
+            parts.headers.clone()
+        };
+        let mut attempt = Request::new(body.for_attempt(idle, ex));
+        *attempt.method_mut() = parts.method.clone();
+        *attempt.uri_mut() = upstream_uri(&backend.addr, &path_and_query)?;
+        *attempt.headers_mut() = headers;
+        if upstream.cfg.rewrite_host {
+            if let Ok(host) = HeaderValue::from_str(backend.addr.authority.as_str()) {
+                attempt.headers_mut().insert(header::HOST, host);
+            }
         }
-    }
-
-    let resp = upstream
-        .send(&backend, Request::from_parts(parts, body))
-        .await?;
+        match upstream.send(&backend, attempt).await {
+            Ok(resp) => break resp,
+            Err(e @ ProxyError::Connect { .. }) if !last_chance && body.replayable() => {
+                tracing::info!(upstream = &*upstream.name, "{e}; trying another backend");
+                tried.push(index);
+            }
+            Err(e) => return Err(e),
+        }
+    };
     ex.ttfb = Some(ex.started.elapsed());
 
     let (mut parts, body) = resp.into_parts();
@@ -124,10 +140,42 @@ async fn forward(
     // hyper writes the response in the client's protocol; an HTTP/1.0 upstream (or an h2
     // client) must not leak its version into the status line.
     parts.version = Version::HTTP_11;
-    Ok(Response::from_parts(
-        parts,
-        Relay::stream(body, upstream.cfg.idle_timeout),
-    ))
+    Ok(Response::from_parts(parts, Relay::stream(body, idle)))
+}
+
+/// The request body as the attempts see it.
+enum RequestBody {
+    /// In memory (empty, or a checked PoC body): any attempt can send it.
+    Full(Bytes),
+    /// Streamed from the client: only an attempt that starts before anyone read it.
+    Stream(Replayable),
+}
+
+impl RequestBody {
+    fn for_attempt(&self, idle: Duration, ex: &Exchange) -> Relay {
+        match self {
+            RequestBody::Full(bytes) => Relay::full(bytes.clone()),
+            RequestBody::Stream(r) => r
+                .body(idle)
+                .with_meter(Box::new(CountIn(ex.bytes_in.clone()))),
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        match self {
+            RequestBody::Full(_) => true,
+            RequestBody::Stream(r) => r.untouched(),
+        }
+    }
+}
+
+fn upstream_uri(addr: &BackendAddr, path_and_query: &uri::PathAndQuery) -> Result<Uri, ProxyError> {
+    let mut parts = uri::Parts::default();
+    parts.scheme = Some(addr.scheme.clone());
+    parts.authority = Some(addr.authority.clone());
+    parts.path_and_query = Some(path_and_query.clone());
+    Uri::from_parts(parts)
+        .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded".into()))
 }
 
 /// Header rules for the upstream request (design §3). `Host` is kept as the client sent it;

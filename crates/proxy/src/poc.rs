@@ -117,7 +117,7 @@ impl Poc {
         headers: &mut HeaderMap,
         idle: Duration,
         path: &str,
-    ) -> Result<Relay, ProxyError> {
+    ) -> Result<Bytes, ProxyError> {
         let limit = self.cfg.max_body_bytes;
         let declared = headers
             .get(header::CONTENT_LENGTH)
@@ -140,7 +140,7 @@ impl Poc {
         match self.check(collected) {
             Verdict::Forward(bytes) => {
                 headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-                Ok(Relay::full(bytes))
+                Ok(bytes)
             }
             Verdict::Refuse(reason) => {
                 self.refused.fetch_add(1, Ordering::Relaxed);

@@ -101,6 +101,13 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let (stop_tx, stop_rx) = watch::channel(false);
         let connections = TaskTracker::new();
+        // Health checks live as long as this call; dropping the set aborts them.
+        let mut health_checks = JoinSet::new();
+        for u in &self.upstreams {
+            if u.cfg.health.enabled {
+                health_checks.spawn(crate::upstream::health::run(u.clone()));
+            }
+        }
         let mut accept_loops = JoinSet::new();
         for l in self.listeners {
             tracing::info!(

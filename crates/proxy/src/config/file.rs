@@ -80,6 +80,28 @@ pub struct UpstreamSection {
     #[serde(default, with = "humantime_serde")]
     pub pool_idle_timeout: Option<Duration>,
     pub max_idle_per_backend: Option<usize>,
+    pub max_concurrent: Option<usize>,
+    pub queue_size: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    pub queue_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub first_byte_timeout: Option<Duration>,
+    pub stuck_after: Option<u32>,
+    #[serde(default)]
+    pub health: HealthSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSection {
+    pub enabled: Option<bool>,
+    pub path: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    pub failures: Option<u32>,
+    pub successes: Option<u32>,
 }
 
 /// `urls` accepts an array or one string with comma-separated URLs, so a single env var

@@ -94,6 +94,32 @@ pub struct UpstreamConfig {
     #[serde(with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
     pub max_idle_per_backend: usize,
+    /// Per-backend cap on in-flight requests; `None` = unlimited.
+    pub max_concurrent: Option<usize>,
+    /// Requests that may wait for a free slot when every backend is at its cap.
+    pub queue_size: usize,
+    #[serde(with = "humantime_serde")]
+    pub queue_timeout: Duration,
+    /// Stuck-engine guard: response head deadline that, missed `stuck_after` times in a
+    /// row, ejects the backend (vLLM's /health can say 200 while the engine hangs).
+    #[serde(with = "humantime_serde")]
+    pub first_byte_timeout: Option<Duration>,
+    pub stuck_after: u32,
+    pub health: HealthConfig,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HealthConfig {
+    pub enabled: bool,
+    pub path: String,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive failures that take a backend down.
+    pub failures: u32,
+    /// Consecutive successes that bring it back.
+    pub successes: u32,
 }
 
 /// One backend origin (`http://host:port`), kept as text for logs and as parts for requests.
@@ -132,6 +158,16 @@ pub mod defaults {
     /// Below uvicorn/vLLM's 5 s keepalive, so we never reuse a connection they are closing.
     pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
     pub const MAX_IDLE_PER_BACKEND: usize = 1024;
+    pub const QUEUE_SIZE: usize = 1024;
+    pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const STUCK_AFTER: u32 = 3;
+    pub const HEALTH_PATH: &str = "/health";
+    pub const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+    pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+    pub const HEALTH_FAILURES: u32 = 3;
+    pub const HEALTH_SUCCESSES: u32 = 1;
+    /// Upper bound on backends one port range may expand to.
+    pub const MAX_PORT_RANGE: u32 = 256;
 }
 
 impl Config {
@@ -335,7 +371,8 @@ fn validate_upstream(
         ));
     }
     let mut backends = Vec::new();
-    for item in items {
+    for item in items.iter().flat_map(|i| expand_port_range(i)) {
+        let item = item.map_err(|reason| invalid(format!("{key}.urls"), reason))?;
         let b = parse_backend(&item).map_err(|reason| invalid(format!("{key}.urls"), reason))?;
         if backends.contains(&b) {
             return Err(invalid(
@@ -361,7 +398,43 @@ fn validate_upstream(
             Ok(d)
         }
     };
+    if u.max_concurrent == Some(0) {
+        return Err(invalid(
+            format!("{key}.max_concurrent"),
+            "must be at least 1 (or left out for no cap)",
+        ));
+    }
+    let h = u.health;
+    let health = HealthConfig {
+        enabled: h.enabled.unwrap_or(true),
+        path: h.path.unwrap_or_else(|| defaults::HEALTH_PATH.into()),
+        interval: nonzero(h.interval, defaults::HEALTH_INTERVAL, "health.interval")?,
+        timeout: nonzero(h.timeout, defaults::HEALTH_TIMEOUT, "health.timeout")?,
+        failures: h.failures.unwrap_or(defaults::HEALTH_FAILURES).max(1),
+        successes: h.successes.unwrap_or(defaults::HEALTH_SUCCESSES).max(1),
+    };
+    if !health.path.starts_with('/') {
+        return Err(invalid(
+            format!("{key}.health.path"),
+            format!("{:?} must start with /", health.path),
+        ));
+    }
+    let first_byte_timeout = match u.first_byte_timeout {
+        Some(d) if d.is_zero() => {
+            return Err(invalid(
+                format!("{key}.first_byte_timeout"),
+                "must be above zero",
+            ))
+        }
+        other => other,
+    };
     Ok(UpstreamConfig {
+        max_concurrent: u.max_concurrent,
+        queue_size: u.queue_size.unwrap_or(defaults::QUEUE_SIZE),
+        queue_timeout: u.queue_timeout.unwrap_or(defaults::QUEUE_TIMEOUT),
+        first_byte_timeout,
+        stuck_after: u.stuck_after.unwrap_or(defaults::STUCK_AFTER).max(1),
+        health,
         backends,
         rewrite_host: u.rewrite_host,
         connect_timeout: nonzero(
@@ -381,6 +454,30 @@ fn validate_upstream(
             .unwrap_or(defaults::MAX_IDLE_PER_BACKEND),
         name,
     })
+}
+
+/// `http://127.0.0.1:5001-5004` → the four URLs; anything else passes through. Lets one
+/// setting cover every vLLM port a node may start (`5000 + i + 1`).
+fn expand_port_range(item: &str) -> Vec<Result<String, String>> {
+    let trimmed = item.trim_end_matches('/');
+    let Some((head, range)) = trimmed.rsplit_once(':') else {
+        return vec![Ok(item.to_string())];
+    };
+    let Some((lo, hi)) = range.split_once('-') else {
+        return vec![Ok(item.to_string())];
+    };
+    let (Ok(lo), Ok(hi)) = (lo.parse::<u16>(), hi.parse::<u16>()) else {
+        return vec![Err(format!(
+            "{item:?}: a port range is written low-high, like 5001-5008"
+        ))];
+    };
+    if lo == 0 || hi < lo || u32::from(hi - lo) >= defaults::MAX_PORT_RANGE {
+        return vec![Err(format!(
+            "{item:?}: port range must be ascending, non-zero and at most {} ports",
+            defaults::MAX_PORT_RANGE
+        ))];
+    }
+    (lo..=hi).map(|p| Ok(format!("{head}:{p}"))).collect()
 }
 
 /// Parses `http://host:port` (a trailing `/` is allowed; any other path is refused because

@@ -149,3 +149,49 @@ fn url_lists_accept_arrays_and_commas() {
     .unwrap();
     assert_eq!(cfg.upstreams[0].backends.len(), 2);
 }
+
+#[test]
+fn port_ranges_expand() {
+    let cfg = Config::from_toml(&MINIMAL.replace(
+        "http://127.0.0.1:9",
+        "http://127.0.0.1:5001-5008, http://10.0.0.2:7000",
+    ))
+    .unwrap();
+    let b: Vec<String> = cfg.upstreams[0]
+        .backends
+        .iter()
+        .map(|b| b.to_string())
+        .collect();
+    assert_eq!(b.len(), 9);
+    assert_eq!(b[0], "http://127.0.0.1:5001");
+    assert_eq!(b[7], "http://127.0.0.1:5008");
+    for bad in [
+        "http://h:5008-5001",
+        "http://h:1-9999",
+        "http://h:0-3",
+        "http://h:50x-51",
+    ] {
+        let e = err_of(&MINIMAL.replace("http://127.0.0.1:9", bad));
+        assert!(e.starts_with("upstreams.u.urls"), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn pool_settings_validate() {
+    let cfg = Config::from_toml(&MINIMAL.replace(
+        "urls =",
+        "max_concurrent = 500\nfirst_byte_timeout = \"20s\"\nhealth = { path = \"/ready\", failures = 2 }\nurls =",
+    ))
+    .unwrap();
+    let u = &cfg.upstreams[0];
+    assert_eq!(u.max_concurrent, Some(500));
+    assert_eq!(u.health.path, "/ready");
+    assert_eq!(u.health.failures, 2);
+    assert_eq!(u.health.interval, defaults::HEALTH_INTERVAL);
+    let e = err_of(&MINIMAL.replace("urls =", "max_concurrent = 0\nurls ="));
+    assert!(e.starts_with("upstreams.u.max_concurrent"), "{e}");
+    let e = err_of(&MINIMAL.replace("urls =", "health = { path = \"health\" }\nurls ="));
+    assert!(e.starts_with("upstreams.u.health.path"), "{e}");
+    let e = err_of(&MINIMAL.replace("urls =", "health = { bogus = 1 }\nurls ="));
+    assert!(e.starts_with("upstreams.u.health"), "{e}");
+}

@@ -1,36 +1,181 @@
-//! One backend of an upstream and its live counters. In-flight requests are released by a
-//! drop guard that travels with the response body, so a 5-minute stream holds its slot for
+//! One backend of an upstream and its live state. In-flight requests are released by a drop
+//! guard that travels with the response body, so a 5-minute stream holds its slot for
 //! 5 minutes, and a cancelled request releases it the moment hyper drops the body.
 
 use crate::config::BackendAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
 
 #[derive(Debug)]
 pub struct Backend {
     pub addr: BackendAddr,
     /// `http://host:port`, shared into access-log lines without reformatting.
     pub label: Arc<str>,
+    /// Requests queued for a slot on this upstream (shared by its backends).
+    waiters: Arc<Waiters>,
     in_flight: AtomicUsize,
     requests: AtomicU64,
+    healthy: AtomicBool,
+    /// Consecutive health-check results against the current state.
+    streak: AtomicU32,
+    /// Consecutive first-byte timeouts (stuck-engine guard).
+    stuck_misses: AtomicU32,
+    last_error: Mutex<Option<String>>,
 }
 
 impl Backend {
-    pub fn new(addr: BackendAddr) -> Self {
+    pub fn new(addr: BackendAddr, waiters: Arc<Waiters>) -> Self {
         Backend {
             label: addr.to_string().into(),
             addr,
+            waiters,
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
+            // Optimistic until proven otherwise: the first health round runs at once, and
+            // a connect failure before then ejects the backend and retries elsewhere.
+            healthy: AtomicBool::new(true),
+            streak: AtomicU32::new(0),
+            stuck_misses: AtomicU32::new(0),
+            last_error: Mutex::new(None),
         }
     }
 
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
+        self.in_flight.load(Ordering::SeqCst)
     }
 
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// Takes the backend out of rotation at once (passive ejection, stuck engine, or the
+    /// health check's verdict). Returns whether this call changed the state.
+    pub fn mark_down(&self, upstream: &str, reason: &str) -> bool {
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = Some(reason.to_string());
+        }
+        self.streak.store(0, Ordering::Relaxed);
+        let changed = self.healthy.swap(false, Ordering::Relaxed);
+        if changed {
+            tracing::warn!(upstream, backend = &*self.label, reason, "backend DOWN");
+        }
+        changed
+    }
+
+    /// Puts the backend back in rotation and wakes queued requests.
+    pub fn mark_up(&self, upstream: &str) -> bool {
+        self.streak.store(0, Ordering::Relaxed);
+        self.stuck_misses.store(0, Ordering::Relaxed);
+        let changed = !self.healthy.swap(true, Ordering::Relaxed);
+        if changed {
+            tracing::info!(upstream, backend = &*self.label, "backend UP");
+            self.waiters.wake();
+        }
+        changed
+    }
+
+    /// Feeds one health-check result; flips the state after `needed` consecutive results
+    /// that disagree with it.
+    pub fn health_result(&self, upstream: &str, ok: Result<(), String>, to_down: u32, to_up: u32) {
+        let healthy = self.is_healthy();
+        match ok {
+            Ok(()) if healthy => self.streak.store(0, Ordering::Relaxed),
+            Err(_) if !healthy => self.streak.store(0, Ordering::Relaxed),
+            Ok(()) => {
+                if self.streak.fetch_add(1, Ordering::Relaxed) + 1 >= to_up {
+                    self.mark_up(upstream);
+                }
+            }
+            Err(reason) => {
+                if let Ok(mut e) = self.last_error.lock() {
+                    *e = Some(reason.clone());
+                }
+                if self.streak.fetch_add(1, Ordering::Relaxed) + 1 >= to_down {
+                    self.mark_down(upstream, &format!("health check: {reason}"));
+                }
+            }
+        }
+    }
+
+    /// Stuck-engine guard: one more missed first-byte deadline; ejects after `limit`.
+    pub fn first_byte_missed(&self, upstream: &str, limit: u32) {
+        let misses = self.stuck_misses.fetch_add(1, Ordering::Relaxed) + 1;
+        if misses >= limit {
+            self.mark_down(
+                upstream,
+                &format!("{misses} first-byte timeouts in a row (engine stuck?)"),
+            );
+        }
+    }
+
+    pub fn first_byte_ok(&self) {
+        if self.stuck_misses.load(Ordering::Relaxed) != 0 {
+            self.stuck_misses.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The admission queue of one upstream: requests waiting for a backend slot.
+#[derive(Debug, Default)]
+pub struct Waiters {
+    notify: Notify,
+    count: AtomicUsize,
+}
+
+impl Waiters {
+    /// Called whenever a slot frees up or a backend comes up. Costs one atomic load when
+    /// nobody waits (the common case, on every request's end).
+    fn wake(&self) {
+        if self.count.load(Ordering::SeqCst) > 0 {
+            self.notify.notify_waiters();
+        }
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// Joins the queue if it has room (`limit`); the ticket leaves it when dropped.
+    pub fn join(self: &Arc<Self>, limit: usize) -> Option<QueueTicket> {
+        let mut cur = self.count.load(Ordering::SeqCst);
+        loop {
+            if cur >= limit {
+                return None;
+            }
+            match self
+                .count
+                .compare_exchange(cur, cur + 1, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => return Some(QueueTicket(self.clone())),
+                Err(now) => cur = now,
+            }
+        }
+    }
+}
+
+/// A place in an upstream's admission queue.
+pub struct QueueTicket(Arc<Waiters>);
+
+impl QueueTicket {
+    /// A future that completes at the next release. Create and `enable` it *before*
+    /// re-checking for a slot so no wake-up is missed in between.
+    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.0.notify.notified()
+    }
+}
+
+impl Drop for QueueTicket {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -39,8 +184,8 @@ impl Backend {
 pub struct InFlight(Arc<Backend>);
 
 impl InFlight {
-    pub fn acquire(backend: Arc<Backend>) -> Self {
-        backend.in_flight.fetch_add(1, Ordering::Relaxed);
+    fn acquire(backend: Arc<Backend>) -> Self {
+        backend.in_flight.fetch_add(1, Ordering::SeqCst);
         backend.requests.fetch_add(1, Ordering::Relaxed);
         InFlight(backend)
     }
@@ -52,17 +197,55 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.0.waiters.wake();
     }
 }
 
-/// Least outstanding requests; ties go to the first candidate after a rotating start so
-/// equal backends share the load evenly.
-pub fn least_loaded(backends: &[Arc<Backend>], start: usize) -> Option<&Arc<Backend>> {
+/// Why no slot could be taken right now.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NoSlot {
+    /// No healthy backend (left after exclusions).
+    NoneHealthy,
+    /// Healthy backends exist but all are at `max_concurrent`.
+    AllFull,
+}
+
+/// Least outstanding requests among healthy backends under their cap, skipping `exclude`d
+/// ones (already tried by this request); ties go to the first candidate after a rotating
+/// `start`, so equal backends share the load evenly.
+pub fn take_least_loaded(
+    backends: &[Arc<Backend>],
+    start: usize,
+    cap: Option<usize>,
+    exclude: &[usize],
+) -> Result<(usize, InFlight), NoSlot> {
     let n = backends.len();
-    (0..n)
-        .map(|i| &backends[(start + i) % n])
-        .min_by_key(|b| b.in_flight())
+    let mut any_healthy = false;
+    let mut best: Option<(usize, usize)> = None;
+    for k in 0..n {
+        let i = (start + k) % n;
+        let b = &backends[i];
+        if exclude.contains(&i) || !b.is_healthy() {
+            continue;
+        }
+        any_healthy = true;
+        let load = b.in_flight();
+        if cap.is_some_and(|c| load >= c) {
+            continue;
+        }
+        if best.is_none_or(|(_, l)| load < l) {
+            best = Some((i, load));
+        }
+    }
+    match best {
+        // Between the check and the increment another request may take the same slot; the
+        // cap can then be exceeded by at most the number of racing requests, which is fine
+        // for a soft admission limit.
+        Some((i, _)) => Ok((i, InFlight::acquire(backends[i].clone()))),
+        None if any_healthy => Err(NoSlot::AllFull),
+        None => Err(NoSlot::NoneHealthy),
+    }
 }
 
 #[cfg(test)]
@@ -70,14 +253,25 @@ mod tests {
     use super::*;
 
     fn backends(n: u16) -> Vec<Arc<Backend>> {
+        let notify = Arc::new(Waiters::default());
         (0..n)
             .map(|i| {
                 Arc::new(Backend::new(
                     crate::config::parse_backend(&format!("http://127.0.0.1:{}", 5001 + i))
                         .unwrap(),
+                    notify.clone(),
                 ))
             })
             .collect()
+    }
+
+    fn pick(
+        b: &[Arc<Backend>],
+        start: usize,
+        cap: Option<usize>,
+        exclude: &[usize],
+    ) -> Result<usize, NoSlot> {
+        take_least_loaded(b, start, cap, exclude).map(|(i, _)| i)
     }
 
     #[test]
@@ -97,17 +291,55 @@ mod tests {
     fn picks_least_loaded_and_rotates_ties() {
         let b = backends(3);
         let _busy = InFlight::acquire(b[0].clone());
-        let picks: Vec<&str> = (0..3)
-            .map(|s| &*least_loaded(&b, s).unwrap().label)
-            .collect();
-        assert_eq!(
-            picks,
-            [
-                "http://127.0.0.1:5002",
-                "http://127.0.0.1:5002",
-                "http://127.0.0.1:5003"
-            ]
-        );
-        assert!(least_loaded(&[], 0).is_none());
+        let picks: Vec<usize> = (0..3).map(|s| pick(&b, s, None, &[]).unwrap()).collect();
+        assert_eq!(picks, [1, 1, 2]);
+        assert_eq!(pick(&[], 0, None, &[]), Err(NoSlot::NoneHealthy));
+    }
+
+    #[test]
+    fn skips_down_excluded_and_full_backends() {
+        let b = backends(3);
+        b[1].mark_down("u", "test");
+        assert_eq!(pick(&b, 1, None, &[]), Ok(2));
+        assert_eq!(pick(&b, 0, None, &[0]), Ok(2));
+        assert_eq!(pick(&b, 0, None, &[0, 2]), Err(NoSlot::NoneHealthy));
+        let _a = InFlight::acquire(b[0].clone());
+        let _c = InFlight::acquire(b[2].clone());
+        assert_eq!(pick(&b, 0, Some(1), &[]), Err(NoSlot::AllFull));
+        assert_eq!(pick(&b, 0, Some(2), &[]), Ok(0));
+    }
+
+    #[test]
+    fn health_streaks_flip_state() {
+        let b = backends(1);
+        let b = &b[0];
+        b.health_result("u", Err("x".into()), 3, 2);
+        b.health_result("u", Err("x".into()), 3, 2);
+        assert!(b.is_healthy());
+        b.health_result("u", Ok(()), 3, 2); // resets the failure streak
+        b.health_result("u", Err("x".into()), 3, 2);
+        b.health_result("u", Err("x".into()), 3, 2);
+        assert!(b.is_healthy());
+        b.health_result("u", Err("x".into()), 3, 2);
+        assert!(!b.is_healthy());
+        assert!(b.last_error().unwrap().contains("health check"));
+        b.health_result("u", Ok(()), 3, 2);
+        assert!(!b.is_healthy());
+        b.health_result("u", Ok(()), 3, 2);
+        assert!(b.is_healthy());
+    }
+
+    #[test]
+    fn stuck_engine_guard_ejects_after_limit() {
+        let b = backends(1);
+        let b = &b[0];
+        b.first_byte_missed("u", 3);
+        b.first_byte_missed("u", 3);
+        b.first_byte_ok();
+        b.first_byte_missed("u", 3);
+        b.first_byte_missed("u", 3);
+        assert!(b.is_healthy());
+        b.first_byte_missed("u", 3);
+        assert!(!b.is_healthy());
     }
 }

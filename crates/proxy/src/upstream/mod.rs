@@ -1,11 +1,12 @@
-//! An upstream: its backends, its keepalive pool, and how a request is sent to it.
+//! An upstream: its backends, its keepalive pool, admission, and how one attempt is sent.
 
 pub mod backend;
+pub mod health;
 
 use crate::body::Relay;
 use crate::config::UpstreamConfig;
 use crate::error::ProxyError;
-use backend::{least_loaded, Backend, InFlight};
+use backend::{take_least_loaded, Backend, InFlight, NoSlot, Waiters};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -13,6 +14,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 pub struct Upstream {
     pub name: Arc<str>,
@@ -20,6 +22,7 @@ pub struct Upstream {
     backends: Vec<Arc<Backend>>,
     client: Client<HttpConnector, Relay>,
     rotation: AtomicUsize,
+    waiters: Arc<Waiters>,
 }
 
 impl Upstream {
@@ -28,7 +31,7 @@ impl Upstream {
         // The resolver runs on every new connection, so a recreated container is found.
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(cfg.connect_timeout));
-        connector.set_keepalive(Some(std::time::Duration::from_secs(60)));
+        connector.set_keepalive(Some(Duration::from_secs(60)));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(cfg.pool_idle_timeout)
             .pool_max_idle_per_host(cfg.max_idle_per_backend)
@@ -39,17 +42,19 @@ impl Upstream {
             .retry_canceled_requests(true)
             .set_host(true)
             .build(connector);
+        let waiters = Arc::new(Waiters::default());
         Upstream {
             name: cfg.name.as_str().into(),
             backends: cfg
                 .backends
                 .iter()
                 .cloned()
-                .map(|a| Arc::new(Backend::new(a)))
+                .map(|a| Arc::new(Backend::new(a, waiters.clone())))
                 .collect(),
             cfg,
             client,
             rotation: AtomicUsize::new(0),
+            waiters,
         }
     }
 
@@ -57,43 +62,121 @@ impl Upstream {
         &self.backends
     }
 
-    /// Picks a backend and takes an in-flight slot on it.
-    pub fn pick(&self) -> Result<InFlight, ProxyError> {
-        let start = self.rotation.fetch_add(1, Ordering::Relaxed);
-        least_loaded(&self.backends, start)
-            .map(|b| InFlight::acquire(b.clone()))
-            .ok_or_else(|| ProxyError::NoHealthyBackend {
-                upstream: self.name.to_string(),
-            })
+    /// Whether at least one backend is in rotation (feeds readiness).
+    pub fn is_ready(&self) -> bool {
+        self.backends.iter().any(|b| b.is_healthy())
     }
 
-    /// Sends a request (its URI already absolute, pointing at `backend`) and waits for the
-    /// response head, bounded by the upstream's response timeout.
+    /// Requests currently waiting in the admission queue.
+    pub fn queued(&self) -> usize {
+        self.waiters.waiting()
+    }
+
+    /// Takes an in-flight slot on the least-loaded healthy backend not in `exclude`. When
+    /// every healthy backend is at `max_concurrent`, waits in the bounded queue up to
+    /// `queue_timeout`; no healthy backend at all fails at once.
+    pub async fn acquire(&self, exclude: &[usize]) -> Result<(usize, InFlight), ProxyError> {
+        let no_healthy = || ProxyError::NoHealthyBackend {
+            upstream: self.name.to_string(),
+        };
+        let overloaded = || ProxyError::Overloaded {
+            upstream: self.name.to_string(),
+        };
+        let cap = self.cfg.max_concurrent;
+        let start = self.rotation.fetch_add(1, Ordering::Relaxed);
+        match take_least_loaded(&self.backends, start, cap, exclude) {
+            Ok(slot) => return Ok(slot),
+            Err(NoSlot::NoneHealthy) => return Err(no_healthy()),
+            Err(NoSlot::AllFull) => {}
+        }
+        let ticket = self
+            .waiters
+            .join(self.cfg.queue_size)
+            .ok_or_else(overloaded)?;
+        let deadline = tokio::time::Instant::now() + self.cfg.queue_timeout;
+        loop {
+            let notified = ticket.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            match take_least_loaded(&self.backends, start, cap, exclude) {
+                Ok(slot) => return Ok(slot),
+                Err(NoSlot::NoneHealthy) => return Err(no_healthy()),
+                Err(NoSlot::AllFull) => {}
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(overloaded());
+            }
+        }
+    }
+
+    /// Sends one attempt (URI already absolute, pointing at `backend`) and waits for the
+    /// response head. Feeds passive health: a connect failure or a reset before any
+    /// response byte ejects the backend; missed first-byte deadlines count toward the
+    /// stuck-engine guard.
     pub async fn send(
         &self,
         backend: &Backend,
         req: Request<Relay>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let call = self.client.request(req);
-        match tokio::time::timeout(self.cfg.response_timeout, call).await {
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) if e.is_connect() => Err(ProxyError::Connect {
-                upstream: self.name.to_string(),
-                backend: backend.label.to_string(),
-                detail: error_chain(&e),
-            }),
-            Ok(Err(e)) => Err(ProxyError::UpstreamBroken {
-                upstream: self.name.to_string(),
-                backend: backend.label.to_string(),
-                detail: error_chain(&e),
-            }),
-            Err(_) => Err(ProxyError::UpstreamTimeout {
-                upstream: self.name.to_string(),
-                backend: backend.label.to_string(),
-                timeout: self.cfg.response_timeout,
-            }),
+        let (limit, stuck_guard) = match self.cfg.first_byte_timeout {
+            Some(fb) if fb < self.cfg.response_timeout => (fb, true),
+            _ => (self.cfg.response_timeout, false),
+        };
+        let upstream = &*self.name;
+        match tokio::time::timeout(limit, self.client.request(req)).await {
+            Ok(Ok(resp)) => {
+                backend.first_byte_ok();
+                Ok(resp)
+            }
+            Ok(Err(e)) if e.is_connect() => {
+                let detail = error_chain(&e);
+                backend.mark_down(upstream, &format!("connect failed: {detail}"));
+                Err(ProxyError::Connect {
+                    upstream: upstream.to_string(),
+                    backend: backend.label.to_string(),
+                    detail,
+                })
+            }
+            Ok(Err(e)) => {
+                let detail = error_chain(&e);
+                // A failing client body (upload aborted) is not the backend's fault.
+                if !caused_by_request_body(&e) {
+                    backend.mark_down(upstream, &format!("failed before responding: {detail}"));
+                }
+                Err(ProxyError::UpstreamBroken {
+                    upstream: upstream.to_string(),
+                    backend: backend.label.to_string(),
+                    detail,
+                })
+            }
+            Err(_) => {
+                if stuck_guard {
+                    backend.first_byte_missed(upstream, self.cfg.stuck_after);
+                }
+                Err(ProxyError::UpstreamTimeout {
+                    upstream: upstream.to_string(),
+                    backend: backend.label.to_string(),
+                    timeout: limit,
+                })
+            }
         }
     }
+}
+
+fn caused_by_request_body(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<crate::body::BodyError>() {
+            return true;
+        }
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_user() || h.is_body_write_aborted() {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// `a: b: c` from an error and its sources, for log lines and error bodies.
