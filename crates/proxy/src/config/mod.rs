@@ -62,6 +62,8 @@ pub struct ServerConfig {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ListenerConfig {
+    /// The table key; printed as `[listeners.<name>]`.
+    #[serde(skip)]
     pub name: String,
     pub bind: SocketAddr,
     pub strip_version_prefix: bool,
@@ -82,7 +84,11 @@ pub struct RouteConfig {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct UpstreamConfig {
+    /// The table key; printed as `[upstreams.<name>]`.
+    #[serde(skip)]
     pub name: String,
+    /// Port ranges already expanded.
+    #[serde(rename = "urls")]
     pub backends: Vec<BackendAddr>,
     pub rewrite_host: bool,
     #[serde(with = "humantime_serde")]
@@ -202,9 +208,31 @@ impl Config {
         self.upstreams.iter().position(|u| u.name == name)
     }
 
-    /// The effective config as TOML, for `podproxy check`.
+    /// The effective config (every default filled in) in the file format, for
+    /// `podproxy check`: it can be saved and loaded again as it is.
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
+        #[derive(Serialize)]
+        struct View<'a> {
+            server: &'a ServerConfig,
+            listeners: std::collections::BTreeMap<&'a str, &'a ListenerConfig>,
+            upstreams: std::collections::BTreeMap<&'a str, &'a UpstreamConfig>,
+            poc: &'a PocConfig,
+        }
+        let view = View {
+            server: &self.server,
+            listeners: self
+                .listeners
+                .iter()
+                .map(|l| (l.name.as_str(), l))
+                .collect(),
+            upstreams: self
+                .upstreams
+                .iter()
+                .map(|u| (u.name.as_str(), u))
+                .collect(),
+            poc: &self.poc,
+        };
+        toml::to_string_pretty(&view).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
     }
 }
 

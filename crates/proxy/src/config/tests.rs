@@ -195,3 +195,20 @@ fn pool_settings_validate() {
     let e = err_of(&MINIMAL.replace("urls =", "health = { bogus = 1 }\nurls ="));
     assert!(e.starts_with("upstreams.u.health"), "{e}");
 }
+
+#[test]
+fn printed_config_loads_again_unchanged() {
+    let text = env::expand(EMBEDDED_DEFAULT, |k| {
+        (k == "POC_CALLBACK_URL").then(|| "http://203.0.113.7:9100".into())
+    })
+    .unwrap();
+    let cfg = Config::from_toml(&text).unwrap();
+    let printed = cfg.to_toml();
+    let again = Config::from_toml(&printed).unwrap_or_else(|e| panic!("{e}\n{printed}"));
+    assert_eq!(again.to_toml(), printed);
+    assert!(printed.contains("[listeners.poc]"), "{printed}");
+    assert!(
+        printed.contains("callback_origin = \"http://203.0.113.7:9100\""),
+        "{printed}"
+    );
+}

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Runs `podproxy demo` the way the README tells a newcomer to, on spare ports, tries the
+# curl commands it prints, and checks the answers. Bounded: gives up after ~30 s.
+set -euo pipefail
+bin=${1:-target/debug/podproxy}
+poc=${POC_PORT:-18080}
+inf=${INFERENCE_PORT:-15000}
+log=$(mktemp)
+POC_PORT=$poc INFERENCE_PORT=$inf "$bin" demo >"$log" 2>&1 &
+pid=$!
+trap 'kill -9 $pid 2>/dev/null || true; rm -f "$log"' EXIT
+
+for _ in $(seq 1 150); do
+  curl -s -o /dev/null "http://127.0.0.1:$poc/api/v1/state" && break
+  kill -0 $pid 2>/dev/null || { cat "$log"; echo "demo exited early"; exit 1; }
+  sleep 0.2
+done
+
+fail() { echo "demo smoke FAILED: $*"; echo "--- demo output"; cat "$log"; exit 1; }
+
+stream=$(curl -sN --max-time 20 "http://127.0.0.1:$inf/v1/chat/completions" \
+  -d '{"model":"Qwen/Qwen3-32B-FP8","stream":true,"max_tokens":5,"messages":[{"role":"user","content":"hi"}]}')
+events=$(grep -c '^data: {' <<<"$stream" || true)
+[ "$events" = 5 ] || fail "expected 5 SSE events, got $events: $stream"
+grep -q '^data: \[DONE\]' <<<"$stream" || fail "stream did not end with [DONE]"
+
+state=$(curl -s --max-time 10 -w ' %{http_code}' "http://127.0.0.1:$poc/v3.0.8/api/v1/state")
+[ "$state" = '{"state":"STOPPED"} 200' ] || fail "state through the PoC port: $state"
+
+code=$(curl -s --max-time 10 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$poc/v3.0.8/api/v1/pow/init/generate" \
+  -d '{"url":"http://api:9100/v1/poc-batches","block_height":1,"r_target":1.4013564660458173}')
+[ "$code" = 200 ] || fail "PoC init answered $code"
+for _ in $(seq 1 50); do grep -q 'mlnode sim received POST /api/v1/pow/init/generate' "$log" && break; sleep 0.1; done
+grep 'mlnode sim received POST' "$log" | grep -q '"url":"http://127.0.0.1:[0-9]*/v1/poc-batches","block_height":1,"r_target":1.4013564660458173' \
+  || fail "PoC callback url was not rewritten as expected"
+
+kill -TERM $pid
+for _ in $(seq 1 100); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
+kill -0 $pid 2>/dev/null && fail "demo did not stop within 10 s of SIGTERM"
+wait $pid || fail "demo exited non-zero after SIGTERM"
+trap 'rm -f "$log"' EXIT
+echo "demo smoke: 5 SSE events, /api/v1/state 200, PoC url rewritten, clean exit"
