@@ -11,7 +11,7 @@ use std::process::ExitCode;
 #[derive(Parser)]
 #[command(
     name = "podproxy",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("PODPROXY_GIT_COMMIT"), ")"),
     about = "Streaming reverse proxy for Gonka ML nodes"
 )]
 struct Cli {
