@@ -3,6 +3,11 @@
 
 mod demo;
 
+/// Off by default: measured against musl's allocator, see README "Static binary".
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Parser, Subcommand};
 use proxy::config::{Config, LogFormat};
 use std::path::PathBuf;

@@ -25,7 +25,10 @@ fn check(path: Option<&str>) -> (bool, String, String) {
 fn embedded_default_and_examples_pass_check() {
     let (ok, stdout, stderr) = check(None);
     assert!(ok, "embedded default: {stderr}");
-    assert!(stdout.contains("0.0.0.0:8080") && stdout.contains("0.0.0.0:5000"), "{stdout}");
+    assert!(
+        stdout.contains("0.0.0.0:8080") && stdout.contains("0.0.0.0:5000"),
+        "{stdout}"
+    );
 
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples");
     let mut checked = 0;
@@ -36,15 +39,25 @@ fn embedded_default_and_examples_pass_check() {
         }
         let (ok, stdout, stderr) = check(path.to_str());
         assert!(ok, "{}: {stderr}", path.display());
-        assert!(stdout.contains("[listeners."), "{}: {stdout}", path.display());
+        assert!(
+            stdout.contains("[listeners."),
+            "{}: {stdout}",
+            path.display()
+        );
         checked += 1;
     }
-    assert!(checked >= 3, "expected the shipped examples, found {checked}");
+    assert!(
+        checked >= 3,
+        "expected the shipped examples, found {checked}"
+    );
 }
 
 #[test]
 fn example_needing_a_variable_names_it_when_unset() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples/pod-front-8gpu.toml");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/examples/pod-front-8gpu.toml"
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_podproxy"))
         .args(["check", "--config", path])
         .env_remove("NETWORK_NODE_CALLBACK")

@@ -14,8 +14,10 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// The PoC endpoints whose bodies carry a callback `url` (design §2).
-pub const DEFAULT_PATHS: [&str; 4] = [
+/// The PoC endpoints whose bodies carry a callback `url` (design §2; `/pow/init` is the
+/// mlnode's plain init, same body type).
+pub const DEFAULT_PATHS: [&str; 5] = [
+    "/api/v1/pow/init",
     "/api/v1/pow/init/generate",
     "/api/v1/pow/init/validate",
     "/api/v1/inference/pow/init/generate",
@@ -102,11 +104,19 @@ impl Poc {
         }
     }
 
-    /// Whether this request's body must go through the guard.
+    /// Whether this request's body must go through the guard. `upstream_path` is compared
+    /// after normalisation (see `route::normalize_for_match`), so encoded variants of a PoC
+    /// path are guarded too.
     pub fn applies(&self, method: &Method, upstream_path: &str) -> bool {
-        self.cfg.active()
-            && method == Method::POST
-            && self.cfg.paths.iter().any(|p| p == upstream_path)
+        if !(self.cfg.active() && method == Method::POST) {
+            return false;
+        }
+        let normalized = crate::route::normalize_for_match(upstream_path);
+        let path = normalized.trim_end_matches('/');
+        self.cfg
+            .paths
+            .iter()
+            .any(|p| p.trim_end_matches('/') == path)
     }
 
     /// Reads the body (bounded, idle-timed), checks/rewrites it, and returns the body to
@@ -124,6 +134,7 @@ impl Poc {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > limit) {
+            self.refused.fetch_add(1, Ordering::Relaxed);
             return Err(ProxyError::PayloadTooLarge { limit });
         }
         let collected = Limited::new(Relay::stream(body, idle), limit as usize)
@@ -131,6 +142,7 @@ impl Poc {
             .await
             .map_err(|e| {
                 if e.is::<http_body_util::LengthLimitError>() {
+                    self.refused.fetch_add(1, Ordering::Relaxed);
                     ProxyError::PayloadTooLarge { limit }
                 } else {
                     ProxyError::BadRequest(format!("could not read the request body: {e}"))

@@ -58,13 +58,10 @@ impl RouteTable {
         };
         let (path, _) = split_query(&target);
         let route = self.routes.iter().find(|r| path.starts_with(&r.prefix))?;
+        // nginx `proxy_pass http://u/;`: the matched prefix is replaced by `/`, whatever
+        // follows it (an empty segment included) is kept.
         let path_and_query = if route.strip_prefix {
-            let rest = &target[route.prefix.len()..];
-            if rest.starts_with('/') {
-                rest.to_string()
-            } else {
-                format!("/{rest}")
-            }
+            format!("/{}", &target[route.prefix.len()..])
         } else {
             target.into_owned()
         };
@@ -81,6 +78,33 @@ pub fn split_query(target: &str) -> (&str, &str) {
         Some(i) => (&target[..i], &target[i..]),
         None => (target, ""),
     }
+}
+
+/// The path as the application behind the proxy will understand it: percent-decoded, `//`
+/// collapsed, `.` and `..` segments resolved. Used only to *decide* (PoC guard, blocked
+/// paths), never to forward: `/api/v1/pow/init/%67enerate` must not slip past a check
+/// that uvicorn's decoding would then route to `/api/v1/pow/init/generate`.
+pub fn normalize_for_match(path: &str) -> String {
+    let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+    let mut segments: Vec<&str> = Vec::new();
+    for seg in decoded.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = String::with_capacity(decoded.len() + 1);
+    for seg in &segments {
+        out.push('/');
+        out.push_str(seg);
+    }
+    if out.is_empty() || (decoded.ends_with('/') && !segments.is_empty()) {
+        out.push('/');
+    }
+    out
 }
 
 /// Length of a leading `/v<major>.<minor>.<patch>[suffix]` segment, if there is one.
@@ -182,6 +206,8 @@ mod tests {
             Some((0, "/api/v1/state".into()))
         );
         assert_eq!(resolve(&t, "/v3.0.8/"), Some((0, "/".into())));
+        assert_eq!(resolve(&t, "/v3.0.8//x"), Some((0, "//x".into())));
+        assert_eq!(resolve(&t, "/x/y"), Some((1, "//y".into())));
         assert_eq!(resolve(&t, "/xyz?q=1"), Some((1, "/yz?q=1".into())));
         assert_eq!(resolve(&t, "/x?q=1"), Some((1, "/?q=1".into())));
     }
@@ -216,6 +242,26 @@ mod tests {
         }
         assert_eq!(resolve(&t, "/v3.0.8"), Some((0, "/".into())));
         assert_eq!(resolve(&t, "/v3.0.8?x=1"), Some((0, "/?x=1".into())));
+    }
+
+    #[test]
+    fn normalisation_for_decisions() {
+        for (raw, want) in [
+            ("/api/v1/pow/init/generate", "/api/v1/pow/init/generate"),
+            ("/api/v1/pow/init/%67enerate", "/api/v1/pow/init/generate"),
+            ("/api/v1/pow/init%2Fvalidate", "/api/v1/pow/init/validate"),
+            (
+                "//api//v1/./pow/x/../init/generate",
+                "/api/v1/pow/init/generate",
+            ),
+            ("/api/v1/train/", "/api/v1/train/"),
+            ("/../../etc", "/etc"),
+            ("/", "/"),
+            ("", "/"),
+            ("/%ff", "/\u{fffd}"),
+        ] {
+            assert_eq!(normalize_for_match(raw), want, "{raw}");
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ use hyper_util::server::graceful::GracefulConnection;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
@@ -200,7 +201,12 @@ async fn serve_connection(
         }
     };
     let io = TokioIo::new(Prefixed::new(prefix, stream));
+    // Set on the first request: an h2 client that never sends one is closed like a
+    // silent HTTP/1 client.
+    let seen_request = Arc::new(AtomicBool::new(false));
+    let seen = seen_request.clone();
     let service = service_fn(move |req| {
+        seen.store(true, Ordering::Relaxed);
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(forward::handle(ctx, peer, req).await) }
     });
@@ -211,7 +217,7 @@ async fn serve_connection(
                 .header_read_timeout(header_timeout)
                 .keep_alive(true)
                 .serve_connection(io, service);
-            until_drained(conn, stop).await
+            until_drained(std::pin::pin!(conn), stop).await
         }
         Protocol::Http2 => {
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -219,7 +225,23 @@ async fn serve_connection(
                 .max_concurrent_streams(H2_MAX_STREAMS)
                 .keep_alive_interval(Duration::from_secs(30))
                 .serve_connection(io, service);
-            until_drained(conn, stop).await
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                out = conn.as_mut() => out,
+                _ = stopped(&mut stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+                _ = tokio::time::sleep(header_timeout) => {
+                    if !seen_request.load(Ordering::Relaxed) {
+                        // Dropped, not drained: a graceful GOAWAY would wait for a client
+                        // that has shown no intention of talking.
+                        tracing::debug!(%peer, "h2 client sent no request within the header timeout; closing");
+                        return;
+                    }
+                    until_drained(conn, stop).await
+                }
+            }
         }
     };
     if let Err(e) = result {
@@ -229,11 +251,13 @@ async fn serve_connection(
 
 /// Runs a connection; on shutdown asks it to finish in-flight requests and close (idle h1
 /// connections close at once, h2 sends GOAWAY), then waits for that.
-async fn until_drained<C>(conn: C, mut stop: watch::Receiver<bool>) -> C::Output
+async fn until_drained<C>(
+    mut conn: std::pin::Pin<&mut C>,
+    mut stop: watch::Receiver<bool>,
+) -> C::Output
 where
     C: GracefulConnection,
 {
-    let mut conn = std::pin::pin!(conn);
     tokio::select! {
         out = conn.as_mut() => out,
         _ = stopped(&mut stop) => {

@@ -154,6 +154,11 @@ fn applies_only_to_post_on_listed_paths_when_active() {
     assert!(p.applies(&Method::POST, "/api/v1/inference/pow/generate"));
     assert!(!p.applies(&Method::GET, "/api/v1/pow/init/generate"));
     assert!(!p.applies(&Method::POST, "/api/v1/pow/validate"));
+    assert!(p.applies(&Method::POST, "/api/v1/pow/init"));
+    assert!(p.applies(&Method::POST, "/api/v1/pow/init/%67enerate"));
+    assert!(p.applies(&Method::POST, "/api/v1//pow/init/generate/"));
+    assert!(p.applies(&Method::POST, "/api/v1/inference/pow/x/../generate"));
+    assert!(!p.applies(&Method::POST, "/api/v1/pow/init/generate/extra"));
     let off = poc(None, Mode::Rewrite, &[]);
     assert!(!off.applies(&Method::POST, "/api/v1/pow/init/generate"));
 }

@@ -4,8 +4,23 @@
 
 use crate::config::BackendAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
+
+/// Without active health checks nothing would ever bring an ejected backend back, so
+/// passive ejection then only lasts this long; the next request after it is the probe.
+pub const PASSIVE_EJECTION: Duration = Duration::from_secs(5);
+/// A backend ejected by the stuck-engine guard stays out this long even if `/health` says
+/// 200 (that is the point of the guard), then gets one chance: a single further miss
+/// ejects it again.
+pub const STUCK_HOLD_DOWN: Duration = Duration::from_secs(30);
+
+/// Milliseconds since the first call, for deadlines kept in atomics.
+fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
 
 #[derive(Debug)]
 pub struct Backend {
@@ -21,11 +36,18 @@ pub struct Backend {
     streak: AtomicU32,
     /// Consecutive first-byte timeouts (stuck-engine guard).
     stuck_misses: AtomicU32,
+    /// `now_ms()` before which a down backend may not come back (stuck-engine hold-down).
+    hold_until: AtomicU64,
+    /// `now_ms()` after which a passively ejected backend is tried again; 0 = never
+    /// (active health checks decide instead).
+    retry_at: AtomicU64,
+    /// Set when the upstream has no active health checks.
+    passive_only: bool,
     last_error: Mutex<Option<String>>,
 }
 
 impl Backend {
-    pub fn new(addr: BackendAddr, waiters: Arc<Waiters>) -> Self {
+    pub fn new(addr: BackendAddr, waiters: Arc<Waiters>, passive_only: bool) -> Self {
         Backend {
             label: addr.to_string().into(),
             addr,
@@ -37,6 +59,9 @@ impl Backend {
             healthy: AtomicBool::new(true),
             streak: AtomicU32::new(0),
             stuck_misses: AtomicU32::new(0),
+            hold_until: AtomicU64::new(0),
+            retry_at: AtomicU64::new(0),
+            passive_only,
             last_error: Mutex::new(None),
         }
     }
@@ -49,8 +74,14 @@ impl Backend {
         self.requests.load(Ordering::Relaxed)
     }
 
+    /// In rotation: up, or (without health checks) ejected long enough ago to be probed.
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.healthy.load(Ordering::Relaxed) || self.probe_due()
+    }
+
+    fn probe_due(&self) -> bool {
+        let at = self.retry_at.load(Ordering::Relaxed);
+        at != 0 && now_ms() >= at
     }
 
     pub fn last_error(&self) -> Option<String> {
@@ -64,9 +95,17 @@ impl Backend {
             *e = Some(reason.to_string());
         }
         self.streak.store(0, Ordering::Relaxed);
+        if self.passive_only {
+            self.retry_at.store(
+                now_ms() + PASSIVE_EJECTION.as_millis() as u64,
+                Ordering::Relaxed,
+            );
+        }
         let changed = self.healthy.swap(false, Ordering::Relaxed);
         if changed {
             tracing::warn!(upstream, backend = &*self.label, reason, "backend DOWN");
+            // Queued requests re-check: with no healthy backend left they fail at once.
+            self.waiters.wake();
         }
         changed
     }
@@ -74,7 +113,7 @@ impl Backend {
     /// Puts the backend back in rotation and wakes queued requests.
     pub fn mark_up(&self, upstream: &str) -> bool {
         self.streak.store(0, Ordering::Relaxed);
-        self.stuck_misses.store(0, Ordering::Relaxed);
+        self.retry_at.store(0, Ordering::Relaxed);
         let changed = !self.healthy.swap(true, Ordering::Relaxed);
         if changed {
             tracing::info!(upstream, backend = &*self.label, "backend UP");
@@ -90,6 +129,10 @@ impl Backend {
         match ok {
             Ok(()) if healthy => self.streak.store(0, Ordering::Relaxed),
             Err(_) if !healthy => self.streak.store(0, Ordering::Relaxed),
+            Ok(()) if now_ms() < self.hold_until.load(Ordering::Relaxed) => {
+                // Stuck-engine hold-down: a 200 from /health does not prove the engine works.
+                self.streak.store(0, Ordering::Relaxed);
+            }
             Ok(()) => {
                 if self.streak.fetch_add(1, Ordering::Relaxed) + 1 >= to_up {
                     self.mark_up(upstream);
@@ -106,20 +149,35 @@ impl Backend {
         }
     }
 
-    /// Stuck-engine guard: one more missed first-byte deadline; ejects after `limit`.
+    /// Stuck-engine guard: one more missed first-byte deadline; ejects after `limit`, and
+    /// keeps the backend out for `STUCK_HOLD_DOWN` whatever `/health` says. The miss
+    /// count is kept one short of the limit, so after the hold-down a backend that is
+    /// still stuck is ejected by its next miss.
     pub fn first_byte_missed(&self, upstream: &str, limit: u32) {
         let misses = self.stuck_misses.fetch_add(1, Ordering::Relaxed) + 1;
         if misses >= limit {
+            self.stuck_misses
+                .store(limit.saturating_sub(1), Ordering::Relaxed);
+            let hold = now_ms() + STUCK_HOLD_DOWN.as_millis() as u64;
+            self.hold_until.store(hold, Ordering::Relaxed);
             self.mark_down(
                 upstream,
                 &format!("{misses} first-byte timeouts in a row (engine stuck?)"),
             );
+            if self.passive_only {
+                self.retry_at.store(hold, Ordering::Relaxed);
+            }
         }
     }
 
-    pub fn first_byte_ok(&self) {
+    /// A response head arrived: the engine answers. Also ends a passive ejection whose
+    /// probe just succeeded.
+    pub fn first_byte_ok(&self, upstream: &str) {
         if self.stuck_misses.load(Ordering::Relaxed) != 0 {
             self.stuck_misses.store(0, Ordering::Relaxed);
+        }
+        if self.passive_only && !self.healthy.load(Ordering::Relaxed) {
+            self.mark_up(upstream);
         }
     }
 }
@@ -260,6 +318,7 @@ mod tests {
                     crate::config::parse_backend(&format!("http://127.0.0.1:{}", 5001 + i))
                         .unwrap(),
                     notify.clone(),
+                    false,
                 ))
             })
             .collect()
@@ -330,16 +389,39 @@ mod tests {
     }
 
     #[test]
-    fn stuck_engine_guard_ejects_after_limit() {
+    fn stuck_engine_guard_ejects_after_limit_and_holds_down() {
         let b = backends(1);
         let b = &b[0];
         b.first_byte_missed("u", 3);
         b.first_byte_missed("u", 3);
-        b.first_byte_ok();
+        b.first_byte_ok("u");
         b.first_byte_missed("u", 3);
         b.first_byte_missed("u", 3);
         assert!(b.is_healthy());
         b.first_byte_missed("u", 3);
         assert!(!b.is_healthy());
+        // /health says 200, but the hold-down keeps the stuck engine out.
+        for _ in 0..5 {
+            b.health_result("u", Ok(()), 3, 1);
+        }
+        assert!(!b.is_healthy());
+    }
+
+    #[test]
+    fn passive_only_ejection_expires_into_a_probe() {
+        let b = Backend::new(
+            crate::config::parse_backend("http://127.0.0.1:5001").unwrap(),
+            Arc::new(Waiters::default()),
+            true,
+        );
+        b.mark_down("u", "connect failed");
+        assert!(!b.is_healthy());
+        // Pretend the ejection is over: a deadline already in the past.
+        std::thread::sleep(Duration::from_millis(2));
+        b.retry_at.store(1, Ordering::Relaxed);
+        assert!(b.is_healthy(), "eligible again as a probe");
+        b.first_byte_ok("u");
+        assert!(b.healthy.load(Ordering::Relaxed));
+        assert_eq!(b.retry_at.load(Ordering::Relaxed), 0);
     }
 }

@@ -49,7 +49,7 @@ impl Upstream {
                 .backends
                 .iter()
                 .cloned()
-                .map(|a| Arc::new(Backend::new(a, waiters.clone())))
+                .map(|a| Arc::new(Backend::new(a, waiters.clone(), !cfg.health.enabled)))
                 .collect(),
             cfg,
             client,
@@ -125,7 +125,7 @@ impl Upstream {
         let upstream = &*self.name;
         match tokio::time::timeout(limit, self.client.request(req)).await {
             Ok(Ok(resp)) => {
-                backend.first_byte_ok();
+                backend.first_byte_ok(upstream);
                 Ok(resp)
             }
             Ok(Err(e)) if e.is_connect() => {
@@ -139,9 +139,22 @@ impl Upstream {
             }
             Ok(Err(e)) => {
                 let detail = error_chain(&e);
-                // A failing client body (upload aborted) is not the backend's fault.
-                if !caused_by_request_body(&e) {
-                    backend.mark_down(upstream, &format!("failed before responding: {detail}"));
+                // A reset ejects at once. A connection closed before the response (a
+                // keepalive close racing our request, or a crash) counts as one failed
+                // health observation: a single lost race must not eject a healthy backend,
+                // a dead one is caught by the next ones. A failing client body (upload
+                // aborted) is not the backend's fault at all.
+                let backend_fault = !caused_by_request_body(&e);
+                if backend_fault && is_reset(&e) {
+                    backend.mark_down(upstream, &format!("reset before responding: {detail}"));
+                } else if backend_fault {
+                    let h = &self.cfg.health;
+                    backend.health_result(
+                        upstream,
+                        Err(format!("failed before responding: {detail}")),
+                        h.failures,
+                        h.successes,
+                    );
                 }
                 Err(ProxyError::UpstreamBroken {
                     upstream: upstream.to_string(),
@@ -161,6 +174,17 @@ impl Upstream {
             }
         }
     }
+}
+
+fn is_reset(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::ConnectionReset;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 fn caused_by_request_body(e: &(dyn std::error::Error + 'static)) -> bool {
