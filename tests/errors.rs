@@ -239,22 +239,22 @@ async fn sequential_requests_all_succeed(proxy: &Proxy, gaps: &[u64]) {
     }
 }
 
-/// Default config; the backend closes idle keepalive connections after 50 ms. Requests
-/// follow each other either well within that (reuse) or well after it (the pooled
-/// connection is stale: podproxy must notice the close, or retry the request that lost the
-/// race before any byte was sent, instead of failing it).
+/// Default config; the backend closes idle keepalive connections after 300 ms (uvicorn:
+/// 5 s). Requests follow each other either well within that (the pooled connection is
+/// reused) or well after it (the pooled connection is stale: podproxy must notice the
+/// close, or retry a request that lost the race before any byte was sent, not fail it).
 #[tokio::test]
 async fn stale_keepalive_connections_never_fail_a_request() {
-    let (backend, conns) = keepalive_closing_backend(Duration::from_millis(50)).await;
+    let (backend, conns) = keepalive_closing_backend(Duration::from_millis(300)).await;
     let proxy = Proxy::simple(&backend.url(), "").await;
-    // 0..25 ms (reuse) and 75..100 ms (stale), interleaved; 50 requests.
+    // Mostly 0..20 ms (reuse), every fifth 350..370 ms (stale); 50 requests, about 4 s.
     let gaps: Vec<u64> = (0..50u64)
-        .map(|i| if i % 2 == 0 { i % 26 } else { 75 + i % 26 })
+        .map(|i| if i % 5 == 4 { 350 + i % 20 } else { i % 20 })
         .collect();
     sequential_requests_all_succeed(&proxy, &gaps).await;
     let n = conns.load(Ordering::SeqCst);
     assert!(
-        n >= 20,
+        n >= 10,
         "the backend saw only {n} connections: stale keepalives were not exercised"
     );
     proxy.shutdown().await;
@@ -263,71 +263,103 @@ async fn stale_keepalive_connections_never_fail_a_request() {
 /// The race right at the upstream's keepalive close (a request written as the backend
 /// closes) cannot be retried safely; podproxy avoids it by never reusing a connection idle
 /// longer than `pool_idle_timeout`, which must sit below the upstream's keepalive (4 s vs
-/// uvicorn's 5 s by default; 50 ms vs 100 ms here). Many pauses land exactly on the
-/// backend's close.
+/// uvicorn's 5 s by default; 50 ms vs 200 ms here). Most pauses land right on the
+/// backend's close; with `pool_idle_timeout` at or above 200 ms some of them fail.
 #[tokio::test]
 async fn pool_idle_timeout_below_upstream_keepalive_avoids_the_close_race() {
-    let (backend, conns) = keepalive_closing_backend(Duration::from_millis(100)).await;
+    let (backend, conns) = keepalive_closing_backend(Duration::from_millis(200)).await;
     let proxy = Proxy::simple(&backend.url(), "pool_idle_timeout = \"50ms\"").await;
-    // Pauses sweeping 95..=100 ms (around the close, shifted by the proxy's own latency),
-    // every third one short enough to reuse the connection.
-    let gaps: Vec<u64> = (0..45u64)
-        .map(|i| if i % 3 == 2 { i % 40 } else { 95 + i % 6 })
+    // Pauses sweeping 195..=200 ms (around the close, shifted by the proxy's own latency),
+    // every third one short enough to reuse the connection; about 4 s.
+    let gaps: Vec<u64> = (0..30u64)
+        .map(|i| if i % 3 == 2 { i % 30 } else { 195 + i % 6 })
         .collect();
     sequential_requests_all_succeed(&proxy, &gaps).await;
-    assert!(conns.load(Ordering::SeqCst) >= 20);
+    assert!(conns.load(Ordering::SeqCst) >= 15);
     proxy.shutdown().await;
 }
 
-/// A request that meets a keepalive close after it was written gets a 502 (it may have
+/// How the backend drops the connection carrying the unlucky request.
+#[derive(Clone, Copy, Debug)]
+enum LostRace {
+    /// Reads the request, then closes (FIN): the proxy sees the connection end.
+    ReadThenClose,
+    /// Closes with the request still unread in its socket buffer (RST), as uvicorn does
+    /// when its keepalive timer fires just after the request landed.
+    CloseUnread,
+}
+
+/// A request that meets a keepalive close after it was written may get a 502 (it may have
 /// reached the backend, so it is not retried). That is one failed request, not a dead
-/// backend: the next request opens a fresh connection and succeeds. Here the backend
-/// answers the first request on each connection and closes the connection on the second
-/// without answering, exactly what the lost race looks like from the proxy.
-#[tokio::test]
-async fn a_lost_keepalive_race_does_not_eject_the_backend() {
-    let backend = RawBackend::start(|mut s| async move {
-        let mut buf = Vec::new();
-        let mut served = 0;
-        while let Some(req) = read_request(&mut s, &mut buf).await {
-            // podproxy's health checks share the pool; only client requests count.
-            if !req.head.starts_with("GET /health ") {
-                if served == 1 {
-                    return; // closes with the request unanswered
+/// backend: the next request opens a fresh connection and succeeds. The backend below
+/// answers every client request but the second, whose connection it drops unanswered.
+async fn lost_keepalive_race_case(how: LostRace) {
+    let client_requests = Arc::new(AtomicUsize::new(0));
+    let counter = client_requests.clone();
+    let backend = RawBackend::start(move |mut s| {
+        let counter = counter.clone();
+        async move {
+            let mut buf = Vec::new();
+            loop {
+                if let LostRace::CloseUnread = how {
+                    // Peek: is this connection's next request the unlucky one?
+                    let mut probe = [0u8; 1];
+                    if s.peek(&mut probe).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if counter.load(Ordering::SeqCst) == 1 {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        return; // dropped with the request unread: RST
+                    }
                 }
-                served += 1;
-            }
-            let resp = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-            if s.write_all(resp.as_bytes()).await.is_err() {
-                return;
+                let Some(_) = read_request(&mut s, &mut buf).await else {
+                    return;
+                };
+                if counter.fetch_add(1, Ordering::SeqCst) == 1 {
+                    return; // read, unanswered: FIN
+                }
+                let resp = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                if s.write_all(resp.as_bytes()).await.is_err() {
+                    return;
+                }
             }
         }
     })
     .await;
-    // Health checks far apart, so they cannot mask the ejection within the test.
-    let proxy = Proxy::simple(&backend.url(), "[upstreams.u.health]\ninterval = \"1h\"").await;
+    // No health checks: nothing but client requests reaches the backend, and nothing can
+    // bring an ejected backend back within the test.
+    let proxy = Proxy::simple(&backend.url(), "[upstreams.u.health]\nenabled = false").await;
     let client = http_client();
     let url = format!("{}/v1/models", proxy.url("main"));
-    let status = |client: &testkit::client::HttpClient| {
-        let req = Request::get(&url).body(empty()).unwrap();
-        let client = client.clone();
-        async move {
-            let (parts, body) = send(&client, req).await;
-            (
-                parts.status.as_u16(),
-                String::from_utf8_lossy(&body).into_owned(),
-            )
-        }
-    };
-    assert_eq!(status(&client).await.0, 200);
-    let (code, body) = status(&client).await;
-    assert_eq!(code, 502, "the request on the closing connection: {body}");
-    let (code, body) = status(&client).await;
-    assert_eq!(
-        code, 200,
-        "the backend is fine, a new connection works: {body}"
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let (parts, body) = send(&client, Request::get(&url).body(empty()).unwrap()).await;
+        statuses.push((
+            parts.status.as_u16(),
+            String::from_utf8_lossy(&body).into_owned(),
+        ));
+    }
+    assert_eq!(statuses[0].0, 200, "{how:?}: {statuses:?}");
+    assert!(
+        matches!(statuses[1].0, 200 | 502),
+        "{how:?}: the unlucky request: {statuses:?}"
+    );
+    assert!(
+        statuses[2..].iter().all(|(code, _)| *code == 200),
+        "{how:?}: one lost race took the backend out: {statuses:?}"
     );
     proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_lost_keepalive_race_does_not_eject_the_backend() {
+    lost_keepalive_race_case(LostRace::ReadThenClose).await;
+}
+
+#[tokio::test]
+#[ignore = "bug: a connection reset before the response (the keepalive race where the backend closes with the request unread) still ejects the backend at once; the next requests get 503 no_healthy_backend"]
+async fn a_lost_keepalive_race_with_reset_does_not_eject_the_backend() {
+    lost_keepalive_race_case(LostRace::CloseUnread).await;
 }
 
 /// `POST /api/v1/inference/up` blocks until vLLM has started: up to ~20 minutes.

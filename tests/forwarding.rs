@@ -157,7 +157,7 @@ async fn strip_prefix_route_has_nginx_proxy_pass_semantics() {
 
 /// nginx's `location /v3.0.8/ { proxy_pass http://b/; }` replaces the matched prefix with
 /// `/`, so whatever follows it (an empty segment included) is kept: `/v3.0.8//x` → `//x`.
-/// The version-segment strip already does this; the route strip drops one slash.
+/// (The version-segment strip keeps it too.)
 #[tokio::test]
 async fn strip_prefix_keeps_an_empty_segment_after_the_prefix() {
     let b = EchoServer::start().await.unwrap();

@@ -6,6 +6,7 @@ use crate::access_log::{CountIn, Exchange};
 use crate::body::{Relay, Replayable};
 use crate::config::BackendAddr;
 use crate::error::ProxyError;
+use crate::gate::Gate;
 use crate::headers::{self, X_REQUEST_ID};
 use crate::poc::Poc;
 use crate::route::{split_query, RouteTable};
@@ -29,6 +30,7 @@ pub struct ListenerCtx {
     /// `X-Forwarded-Proto` value: "http" or "https".
     pub proto: &'static str,
     pub poc: Arc<Poc>,
+    pub gate: Gate,
 }
 
 /// Serves one request. Never fails: errors are responses. Dropping this future (client gone
@@ -48,12 +50,6 @@ pub async fn handle(
     let mut resp = match forward(&ctx, peer, req, &mut ex).await {
         Ok(resp) => resp,
         Err(e) => {
-            tracing::warn!(
-                listener = &*ctx.name,
-                request_id = request_id.to_str().unwrap_or("-"),
-                kind = e.kind(),
-                "{e}"
-            );
             ex.error = Some(e.to_string());
             ex.refused = true;
             e.to_response()
@@ -70,6 +66,7 @@ async fn forward(
     req: Request<Incoming>,
     ex: &mut Exchange,
 ) -> Result<Response<Relay>, ProxyError> {
+    ctx.gate.check_source(peer.ip())?;
     if req.method() == Method::CONNECT {
         return Err(ProxyError::BadRequest("CONNECT is not supported".into()));
     }
@@ -86,6 +83,8 @@ async fn forward(
         .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded".into()))?;
 
     let (mut parts, body) = req.into_parts();
+    ctx.gate
+        .check_request(path_and_query.path(), &mut parts.headers)?;
     prepare_request_headers(&mut parts, peer, ctx.proto);
     let idle = upstream.cfg.idle_timeout;
     let body = if poc_body {

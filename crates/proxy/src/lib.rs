@@ -7,12 +7,14 @@ pub mod config;
 pub mod detect;
 pub mod error;
 pub mod forward;
+pub mod gate;
 pub mod headers;
 pub mod logging;
 pub mod poc;
 pub mod route;
 pub mod server;
 pub mod signals;
+pub mod tls;
 pub mod upstream;
 
 pub use config::Config;

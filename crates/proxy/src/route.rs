@@ -165,6 +165,8 @@ mod tests {
                     poc: false,
                 })
                 .collect(),
+            tls: None,
+            gate: Default::default(),
         };
         RouteTable::new(&cfg, |n| match n {
             "mlnode" => Some(0),

@@ -4,6 +4,7 @@
 use crate::config::{Config, ListenerConfig};
 use crate::detect::{detect, Prefixed, Protocol};
 use crate::forward::{self, ListenerCtx};
+use crate::gate::Gate;
 use crate::poc::Poc;
 use crate::route::RouteTable;
 use crate::upstream::Upstream;
@@ -19,6 +20,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
 /// HTTP/2 streams per client connection; a DAPI multiplexing one connection must not be
@@ -27,6 +29,8 @@ const H2_MAX_STREAMS: u32 = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error("{0}")]
+    Setup(String),
     #[error("listener {name}: cannot bind {addr}: {source}")]
     Bind {
         name: String,
@@ -47,6 +51,7 @@ struct Bound {
     cfg: ListenerConfig,
     tcp: TcpListener,
     ctx: Arc<ListenerCtx>,
+    tls: Option<TlsAcceptor>,
 }
 
 impl Server {
@@ -55,8 +60,9 @@ impl Server {
             .upstreams
             .iter()
             .cloned()
-            .map(|u| Arc::new(Upstream::new(u)))
-            .collect();
+            .map(|u| Upstream::new(u).map(Arc::new))
+            .collect::<Result<_, _>>()
+            .map_err(StartError::Setup)?;
         let poc = Arc::new(Poc::new(config.poc.clone()));
         let mut listeners = Vec::new();
         for l in &config.listeners {
@@ -65,17 +71,26 @@ impl Server {
                 addr: l.bind,
                 source,
             })?;
+            let setup = |e: String| StartError::Setup(format!("listener {}: {e}", l.name));
+            let tls = match &l.tls {
+                Some(t) => Some(TlsAcceptor::from(
+                    crate::tls::server_config(t).map_err(setup)?,
+                )),
+                None => None,
+            };
             let ctx = Arc::new(ListenerCtx {
                 name: l.name.as_str().into(),
                 routes: RouteTable::new(l, |n| config.upstream_index(n)),
                 upstreams: upstreams.clone(),
-                proto: "http",
+                proto: if tls.is_some() { "https" } else { "http" },
                 poc: poc.clone(),
+                gate: Gate::new(&l.gate).map_err(setup)?,
             });
             listeners.push(Bound {
                 cfg: l.clone(),
                 tcp,
                 ctx,
+                tls,
             });
         }
         Ok(Server {
@@ -170,23 +185,73 @@ async fn accept_loop(l: Bound, mut stop: watch::Receiver<bool>, connections: Tas
         let ctx = l.ctx.clone();
         let stop = stop.clone();
         let header_timeout = l.cfg.header_timeout;
+        let tls = l.tls.clone();
         connections.spawn(async move {
-            serve_connection(stream, peer, ctx, header_timeout, stop).await;
+            match tls {
+                None => serve_connection(stream, peer, ctx, header_timeout, None, stop).await,
+                Some(acceptor) => {
+                    serve_tls(acceptor, stream, peer, ctx, header_timeout, stop).await
+                }
+            }
             drop(permit);
         });
     }
 }
 
-async fn serve_connection(
-    mut stream: TcpStream,
+/// TLS handshake (bounded by the header timeout; no plain-HTTP fallback), then HTTP.
+async fn serve_tls(
+    acceptor: TlsAcceptor,
+    stream: TcpStream,
     peer: SocketAddr,
     ctx: Arc<ListenerCtx>,
     header_timeout: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
-    let detected = tokio::select! {
-        r = tokio::time::timeout(header_timeout, detect(&mut stream)) => r,
+    let handshake = tokio::select! {
+        r = tokio::time::timeout(header_timeout, acceptor.accept(stream)) => r,
         _ = stopped(&mut stop) => return,
+    };
+    let tls = match handshake {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::info!(listener = &*ctx.name, %peer, "TLS handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(listener = &*ctx.name, %peer, "TLS handshake not completed within the header timeout");
+            return;
+        }
+    };
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+    serve_connection(
+        tls,
+        peer,
+        ctx,
+        header_timeout,
+        h2.then_some(Protocol::Http2),
+        stop,
+    )
+    .await;
+}
+
+/// Serves HTTP on an accepted stream: the protocol is known (ALPN) or detected from the
+/// first bytes under the header timeout.
+async fn serve_connection<S>(
+    mut stream: S,
+    peer: SocketAddr,
+    ctx: Arc<ListenerCtx>,
+    header_timeout: Duration,
+    known: Option<Protocol>,
+    mut stop: watch::Receiver<bool>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let detected = match known {
+        Some(p) => Ok(Ok(Some((p, Vec::new())))),
+        None => tokio::select! {
+            r = tokio::time::timeout(header_timeout, detect(&mut stream)) => r,
+            _ = stopped(&mut stop) => return,
+        },
     };
     let (protocol, prefix) = match detected {
         Ok(Ok(Some(x))) => x,

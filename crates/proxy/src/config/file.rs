@@ -52,6 +52,44 @@ pub struct ListenerSection {
     pub header_timeout: Option<Duration>,
     #[serde(default)]
     pub routes: Vec<RouteSection>,
+    pub tls: Option<ListenerTlsSection>,
+    /// Bearer tokens accepted on this listener (several for rotation).
+    #[serde(default)]
+    pub tokens: Vec<String>,
+    /// File with one token per line (blank lines and `#` comments ignored).
+    pub token_file: Option<String>,
+    /// Paths (after prefix stripping) that need no token, e.g. "/health".
+    #[serde(default)]
+    pub token_exempt: Vec<String>,
+    /// Source addresses allowed to connect (CIDR or single address); empty = any.
+    #[serde(default)]
+    pub allow_ips: Vec<String>,
+    /// Path prefixes refused with 403, e.g. "/api/v1/train/".
+    #[serde(default)]
+    pub block_paths: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTlsSection {
+    pub cert: String,
+    pub key: String,
+    pub client_auth: Option<crate::tls::ClientAuth>,
+    #[serde(default)]
+    pub client_ca: Vec<String>,
+    #[serde(default)]
+    pub client_pins: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsSection {
+    pub ca: Option<String>,
+    #[serde(default)]
+    pub pins: Vec<String>,
+    pub client_cert: Option<String>,
+    pub client_key: Option<String>,
+    pub server_name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -89,6 +127,7 @@ pub struct UpstreamSection {
     pub stuck_after: Option<u32>,
     #[serde(default)]
     pub health: HealthSection,
+    pub tls: Option<UpstreamTlsSection>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -71,6 +71,37 @@ pub struct ListenerConfig {
     #[serde(with = "humantime_serde")]
     pub header_timeout: Duration,
     pub routes: Vec<RouteConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<crate::tls::ListenerTls>,
+    #[serde(flatten)]
+    pub gate: GateConfig,
+}
+
+/// The security gate of a listener (checked in `gate`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GateConfig {
+    /// Never printed: `podproxy check` and logs show `<redacted>`.
+    #[serde(serialize_with = "redact_all", skip_serializing_if = "Vec::is_empty")]
+    pub tokens: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub token_exempt: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty", serialize_with = "display_all")]
+    pub allow_ips: Vec<ipnet::IpNet>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub block_paths: Vec<String>,
+}
+
+fn redact_all<S: serde::Serializer>(v: &[String], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(|_| "<redacted>"))
+}
+
+fn display_all<S: serde::Serializer, T: std::fmt::Display>(
+    v: &[T],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(|x| x.to_string()))
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -112,6 +143,8 @@ pub struct UpstreamConfig {
     pub first_byte_timeout: Option<Duration>,
     pub stuck_after: u32,
     pub health: HealthConfig,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<crate::tls::UpstreamTls>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -333,6 +366,18 @@ fn validate(file: file::FileConfig) -> Result<Config, ConfigError> {
                 poc: r.poc,
             });
         }
+        let tls = match l.tls {
+            None => None,
+            Some(t) => Some(validate_listener_tls(&key, t)?),
+        };
+        let gate = validate_gate(
+            &key,
+            l.tokens,
+            l.token_file,
+            l.token_exempt,
+            l.allow_ips,
+            l.block_paths,
+        )?;
         listeners.push(ListenerConfig {
             name,
             bind,
@@ -340,6 +385,8 @@ fn validate(file: file::FileConfig) -> Result<Config, ConfigError> {
             max_connections,
             header_timeout,
             routes,
+            tls,
+            gate,
         });
     }
     let poc = validate_poc(file.poc)?;
@@ -353,6 +400,99 @@ fn validate(file: file::FileConfig) -> Result<Config, ConfigError> {
         listeners,
         upstreams,
         poc,
+    })
+}
+
+fn validate_listener_tls(
+    key: &str,
+    t: file::ListenerTlsSection,
+) -> Result<crate::tls::ListenerTls, ConfigError> {
+    use crate::tls::ClientAuth;
+    let client_auth = t.client_auth.unwrap_or(ClientAuth::None);
+    match client_auth {
+        ClientAuth::Ca if t.client_ca.is_empty() => {
+            return Err(invalid(
+                format!("{key}.tls.client_ca"),
+                "client_auth = \"ca\" needs at least one CA file",
+            ))
+        }
+        ClientAuth::Pin if t.client_pins.is_empty() => {
+            return Err(invalid(
+                format!("{key}.tls.client_pins"),
+                "client_auth = \"pin\" needs at least one pinned certificate",
+            ))
+        }
+        _ => {}
+    }
+    let tls = crate::tls::ListenerTls {
+        cert: t.cert,
+        key: t.key,
+        client_auth,
+        client_ca: t.client_ca,
+        client_pins: t.client_pins,
+    };
+    // Build it once now: missing files, expired certificates and keys that do not fit
+    // their certificate are config errors, reported before anything listens.
+    crate::tls::server_config(&tls).map_err(|r| invalid(format!("{key}.tls"), r))?;
+    Ok(tls)
+}
+
+fn validate_gate(
+    key: &str,
+    tokens: Vec<String>,
+    token_file: Option<String>,
+    token_exempt: Vec<String>,
+    allow_ips: Vec<String>,
+    block_paths: Vec<String>,
+) -> Result<GateConfig, ConfigError> {
+    for (i, t) in tokens.iter().enumerate() {
+        // An unset ${VAR:-} must not silently turn authentication off.
+        if t.trim().is_empty() {
+            return Err(invalid(
+                format!("{key}.tokens[{i}]"),
+                "empty token (is its environment variable set?)",
+            ));
+        }
+        if t.len() < 16 {
+            tracing::warn!(
+                listener = key,
+                "tokens[{i}] is shorter than 16 characters; use a long random token"
+            );
+        }
+    }
+    if let Some(path) = &token_file {
+        let loaded = crate::gate::read_token_file(path)
+            .map_err(|r| invalid(format!("{key}.token_file"), r))?;
+        if loaded.is_empty() {
+            return Err(invalid(
+                format!("{key}.token_file"),
+                format!("{path}: no token in the file"),
+            ));
+        }
+    }
+    for (name, list) in [
+        ("token_exempt", &token_exempt),
+        ("block_paths", &block_paths),
+    ] {
+        if let Some(bad) = list.iter().find(|p| !p.starts_with('/')) {
+            return Err(invalid(
+                format!("{key}.{name}"),
+                format!("{bad:?} must start with /"),
+            ));
+        }
+    }
+    let mut nets = Vec::new();
+    for (i, text) in allow_ips.iter().enumerate() {
+        let net = crate::gate::parse_net(text)
+            .map_err(|r| invalid(format!("{key}.allow_ips[{i}]"), r))?;
+        nets.push(net);
+    }
+    Ok(GateConfig {
+        tokens,
+        token_file,
+        token_exempt,
+        allow_ips: nets,
+        block_paths,
     })
 }
 
@@ -456,7 +596,36 @@ fn validate_upstream(
         }
         other => other,
     };
+    let tls = match u.tls {
+        None => None,
+        Some(t) => {
+            let tls = crate::tls::UpstreamTls {
+                ca: t.ca,
+                pins: t.pins,
+                client_cert: t.client_cert,
+                client_key: t.client_key,
+                server_name: t.server_name,
+            };
+            crate::tls::client_config(&tls).map_err(|r| invalid(format!("{key}.tls"), r))?;
+            if let Some(name) = &tls.server_name {
+                rustls::pki_types::ServerName::try_from(name.as_str()).map_err(|e| {
+                    invalid(format!("{key}.tls.server_name"), format!("{name:?}: {e}"))
+                })?;
+            }
+            if !backends
+                .iter()
+                .any(|b| b.scheme == http::uri::Scheme::HTTPS)
+            {
+                return Err(invalid(
+                    format!("{key}.tls"),
+                    "set, but no upstream URL is https://",
+                ));
+            }
+            Some(tls)
+        }
+    };
     Ok(UpstreamConfig {
+        tls,
         max_concurrent: u.max_concurrent,
         queue_size: u.queue_size.unwrap_or(defaults::QUEUE_SIZE),
         queue_timeout: u.queue_timeout.unwrap_or(defaults::QUEUE_TIMEOUT),
@@ -518,10 +687,8 @@ pub fn parse_backend(text: &str) -> Result<BackendAddr, String> {
         .scheme()
         .cloned()
         .ok_or_else(|| format!("{text:?} needs a scheme (http://)"))?;
-    if scheme != http::uri::Scheme::HTTP {
-        return Err(format!(
-            "{text:?}: only http:// upstreams are supported in this build"
-        ));
+    if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
+        return Err(format!("{text:?}: the scheme must be http:// or https://"));
     }
     let authority = uri
         .authority()

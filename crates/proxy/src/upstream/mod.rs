@@ -9,6 +9,7 @@ use crate::error::ProxyError;
 use backend::{take_least_loaded, Backend, InFlight, NoSlot, Waiters};
 use http::{Request, Response};
 use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -20,18 +21,35 @@ pub struct Upstream {
     pub name: Arc<str>,
     pub cfg: UpstreamConfig,
     backends: Vec<Arc<Backend>>,
-    client: Client<HttpConnector, Relay>,
+    client: Client<HttpsConnector<HttpConnector>, Relay>,
     rotation: AtomicUsize,
     waiters: Arc<Waiters>,
 }
 
 impl Upstream {
-    pub fn new(cfg: UpstreamConfig) -> Self {
-        let mut connector = HttpConnector::new();
+    /// Fails only if the TLS settings cannot be built (already checked by config
+    /// validation, so only when files changed in between).
+    pub fn new(cfg: UpstreamConfig) -> Result<Self, String> {
+        let mut http = HttpConnector::new();
         // The resolver runs on every new connection, so a recreated container is found.
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(cfg.connect_timeout));
-        connector.set_keepalive(Some(Duration::from_secs(60)));
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(cfg.connect_timeout));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        http.enforce_http(false);
+        let tls = crate::tls::client_config(cfg.tls.as_ref().unwrap_or(&Default::default()))
+            .map_err(|e| format!("upstream {}: {e}", cfg.name))?;
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http();
+        let builder = match cfg.tls.as_ref().and_then(|t| t.server_name.clone()) {
+            Some(name) => {
+                let name = rustls::pki_types::ServerName::try_from(name)
+                    .map_err(|e| format!("upstream {}: tls.server_name: {e}", cfg.name))?;
+                builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
+            }
+            None => builder,
+        };
+        let connector = builder.enable_http1().wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(cfg.pool_idle_timeout)
             .pool_max_idle_per_host(cfg.max_idle_per_backend)
@@ -43,7 +61,7 @@ impl Upstream {
             .set_host(true)
             .build(connector);
         let waiters = Arc::new(Waiters::default());
-        Upstream {
+        Ok(Upstream {
             name: cfg.name.as_str().into(),
             backends: cfg
                 .backends
@@ -55,7 +73,7 @@ impl Upstream {
             client,
             rotation: AtomicUsize::new(0),
             waiters,
-        }
+        })
     }
 
     pub fn backends(&self) -> &[Arc<Backend>] {
