@@ -331,7 +331,12 @@ async fn upstream_killed_mid_stream_aborts_the_client_response() {
     .expect("request after the kill failed");
     assert_eq!(resp.status(), StatusCode::OK);
     assert!(read_report(resp.into_body()).await.is_clean(8));
-    assert_eq!(revived.stats().streams_completed(), 1);
+    assert!(
+        revived
+            .stats()
+            .wait_until(WAIT, |s| s.streams_completed() == 1)
+            .await
+    );
     eventually("proxy in-flight back to 0", || proxy.in_flight() == 0).await;
     proxy.shutdown().await;
 }

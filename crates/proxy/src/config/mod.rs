@@ -660,7 +660,12 @@ fn expand_port_range(item: &str) -> Vec<Result<String, String>> {
     let Some((head, range)) = trimmed.rsplit_once(':') else {
         return vec![Ok(item.to_string())];
     };
-    let Some((lo, hi)) = range.split_once('-') else {
+    // Only a `:<port>-<port>` suffix is a range: after the last ':' of a URL without a
+    // port comes `//host...`, and host names may contain '-'.
+    let Some((lo, hi)) = range
+        .split_once('-')
+        .filter(|_| !range.contains(['/', '.', ']']))
+    else {
         return vec![Ok(item.to_string())];
     };
     let (Ok(lo), Ok(hi)) = (lo.parse::<u16>(), hi.parse::<u16>()) else {

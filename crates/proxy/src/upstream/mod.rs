@@ -157,15 +157,12 @@ impl Upstream {
             }
             Ok(Err(e)) => {
                 let detail = error_chain(&e);
-                // A reset ejects at once. A connection closed before the response (a
-                // keepalive close racing our request, or a crash) counts as one failed
-                // health observation: a single lost race must not eject a healthy backend,
-                // a dead one is caught by the next ones. A failing client body (upload
+                // A connection closed or reset before the response head may be a keepalive
+                // close racing our request (the backend is fine) or a crash: it counts as one
+                // failed health observation, so `health.failures` of them in a row eject the
+                // backend while a single lost race does not. A failing client body (upload
                 // aborted) is not the backend's fault at all.
-                let backend_fault = !caused_by_request_body(&e);
-                if backend_fault && is_reset(&e) {
-                    backend.mark_down(upstream, &format!("reset before responding: {detail}"));
-                } else if backend_fault {
+                if !caused_by_request_body(&e) {
                     let h = &self.cfg.health;
                     backend.health_result(
                         upstream,
@@ -192,17 +189,6 @@ impl Upstream {
             }
         }
     }
-}
-
-fn is_reset(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            return io.kind() == std::io::ErrorKind::ConnectionReset;
-        }
-        cur = err.source();
-    }
-    false
 }
 
 fn caused_by_request_body(e: &(dyn std::error::Error + 'static)) -> bool {
