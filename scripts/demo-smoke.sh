@@ -6,7 +6,7 @@ bin=${1:-target/debug/podproxy}
 poc=${POC_PORT:-18080}
 inf=${INFERENCE_PORT:-15000}
 log=$(mktemp)
-POC_PORT=$poc INFERENCE_PORT=$inf "$bin" demo >"$log" 2>&1 &
+POC_PORT=$poc INFERENCE_PORT=$inf ADMIN_PORT=${ADMIN_PORT:-19901} "$bin" demo >"$log" 2>&1 &
 pid=$!
 trap 'kill -9 $pid 2>/dev/null || true; rm -f "$log"' EXIT
 
@@ -34,9 +34,14 @@ for _ in $(seq 1 50); do grep -q 'mlnode sim received POST /api/v1/pow/init/gene
 grep 'mlnode sim received POST' "$log" | grep -q '"url":"http://127.0.0.1:[0-9]*/v1/poc-batches","block_height":1,"r_target":1.4013564660458173' \
   || fail "PoC callback url was not rewritten as expected"
 
+metrics=$(curl -s --max-time 10 "http://127.0.0.1:${ADMIN_PORT:-19901}/metrics")
+grep -q '^podproxy_sse_events_per_stream_sum{upstream="vllm"} 6' <<<"$metrics" \
+  || fail "admin /metrics lacks the stream's 6 events (5 tokens + [DONE]): $(grep sse_events <<<"$metrics")"
+grep -q '^podproxy_poc_callback_rewritten_total 1' <<<"$metrics" || fail "admin /metrics lacks the PoC rewrite"
+
 kill -TERM $pid
 for _ in $(seq 1 100); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
 kill -0 $pid 2>/dev/null && fail "demo did not stop within 10 s of SIGTERM"
 wait $pid || fail "demo exited non-zero after SIGTERM"
 trap 'rm -f "$log"' EXIT
-echo "demo smoke: 5 SSE events, /api/v1/state 200, PoC url rewritten, clean exit"
+echo "demo smoke: 5 SSE events, /api/v1/state 200, PoC url rewritten, metrics counted, clean exit"

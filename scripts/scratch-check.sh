@@ -25,7 +25,7 @@ if ldd "$bin" >/dev/null 2>&1 && ! ldd "$bin" 2>&1 | grep -qE 'not a dynamic exe
 fi
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-vllm_port=$(free_port); mlnode_port=$(free_port); poc=$(free_port); inf=$(free_port)
+vllm_port=$(free_port); mlnode_port=$(free_port); poc=$(free_port); inf=$(free_port); admin=$(free_port)
 
 "$sim" --vllm "127.0.0.1:$vllm_port" --mlnode "127.0.0.1:$mlnode_port" --token-interval-ms 20 --tokens 8 >"$simlog" 2>&1 &
 pids+=($!)
@@ -47,7 +47,7 @@ echo "nameserver 127.0.0.1" >"$root/etc/resolv.conf"
 printf '127.0.0.1 localhost\n127.0.0.1 mlnode-scratch\n' >"$root/etc/hosts"
 echo "root holds: $(cd "$root" && find . -mindepth 1 | sort | tr '\n' ' ')"
 
-env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin POC_PORT="$poc" INFERENCE_PORT="$inf" \
+env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin POC_PORT="$poc" INFERENCE_PORT="$inf" ADMIN_PORT="$admin" \
   MLNODE_URL="http://mlnode-scratch:$mlnode_port" VLLM_URLS="http://127.0.0.1:$vllm_port" \
   unshare --fork --pid --mount-proc chroot --userspec=65532:65532 "$root" /podproxy >"$outlog" 2>&1 &
 ns=$!

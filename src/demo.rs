@@ -64,12 +64,16 @@ async fn demo(log_format: Option<&str>) -> Result<(), String> {
         .local_addr("inference")
         .ok_or("no inference listener")?;
     let (poc_port, inf_port) = (poc.port(), inference.port());
+    let admin = server
+        .admin_addr()
+        .map_or_else(|| "off".to_string(), |a| format!("http://{a}"));
 
     println!(
         "\npodproxy demo: embedded default config in front of simulated backends
   poc listener        :{poc_port}  ->  mlnode sim {mlnode}  (/v1/ -> vLLM)
   inference listener  :{inf_port}  ->  vLLM sims {vllm_urls}
   PoC callbacks are rewritten toward the Network Node sim {sink}
+  admin API           {admin}  (/metrics /readyz /backends /config)
 
 Try in another terminal:
   # a streaming chat completion: tokens arrive one by one, every 80 ms
@@ -78,6 +82,8 @@ Try in another terminal:
   curl -i http://127.0.0.1:{poc_port}/v3.0.8/api/v1/state
   # a PoC start: watch this terminal print the callback url the mlnode received
   curl -i http://127.0.0.1:{poc_port}/v3.0.8/api/v1/pow/init/generate -d '{{\"url\":\"http://api:9100/v1/poc-batches\",\"block_height\":1,\"r_target\":1.4013564660458173}}'
+  # what the proxy saw: requests, time to first token, inter-token latency, backends
+  curl -s {admin}/metrics | grep -E 'podproxy_(requests|sse_event_gap_seconds_count|upstream_ttfb_seconds_count)'
 Ctrl-C stops the demo.\n",
         mlnode = mlnode.url(),
         sink = sink.url(),

@@ -59,7 +59,11 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            runtime.block_on(run(config))
+            let source = match &cli.config {
+                Some(p) => proxy::server::ConfigSource::File(p.clone()),
+                None => proxy::server::ConfigSource::Embedded,
+            };
+            runtime.block_on(run(config, source))
         }
         Command::Demo => runtime.block_on(demo::run(cli.log_format.as_deref())),
     }
@@ -99,7 +103,7 @@ fn check(path: Option<PathBuf>) -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> ExitCode {
+async fn run(config: Config, source: proxy::server::ConfigSource) -> ExitCode {
     proxy::logging::init(config.server.log_format, &config.server.log_level);
     proxy::signals::raise_fd_limit();
     let server = match proxy::Server::bind(&config).await {
@@ -110,6 +114,9 @@ async fn run(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    server.run(proxy::signals::shutdown()).await;
+    server
+        .with_source(source)
+        .run(proxy::signals::shutdown())
+        .await;
     ExitCode::SUCCESS
 }

@@ -15,6 +15,9 @@ pub struct Proxy {
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
     pub upstreams: Vec<std::sync::Arc<proxy::upstream::Upstream>>,
+    /// The admin listener, when the config has `[admin]`.
+    pub admin: Option<SocketAddr>,
+    pub reloader: proxy::server::Reloader,
 }
 
 impl Proxy {
@@ -29,7 +32,9 @@ impl Proxy {
             .iter()
             .map(|l| (l.name.clone(), server.local_addr(&l.name).expect("addr")))
             .collect();
-        let upstreams = server.upstreams().to_vec();
+        let upstreams = server.upstreams();
+        let admin = server.admin_addr();
+        let reloader = server.reloader();
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(server.run(async {
             let _ = rx.await;
@@ -39,6 +44,8 @@ impl Proxy {
             stop: Some(tx),
             task: Some(task),
             upstreams,
+            admin,
+            reloader,
         }
     }
 

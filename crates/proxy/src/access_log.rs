@@ -3,7 +3,11 @@
 //! in-flight guard here ties the slot's lifetime to the response body, not to the handler.
 
 use crate::body::{BodyError, Meter};
+use crate::metrics::{
+    status_class, ErrorLabels, ListenerLabel, Metrics, RequestLabels, SseScan, UpstreamLabel,
+};
 use crate::upstream::backend::InFlight;
+use bytes::Bytes;
 use http::{HeaderValue, Method};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -49,10 +53,28 @@ pub struct Exchange {
     pub refused: bool,
     pub outcome: Option<Outcome>,
     pub slot: Option<InFlight>,
+    /// Route prefix (a bounded metrics label), once routed.
+    pub route: Option<Arc<str>>,
+    /// `kind` of podproxy's own error response, for the upstream-error counter.
+    pub error_kind: Option<&'static str>,
+    pub metrics: Arc<Metrics>,
+    sse: Option<SseState>,
+}
+
+/// Event counting for a `text/event-stream` response.
+struct SseState {
+    scan: SseScan,
+    last_event: Option<Instant>,
 }
 
 impl Exchange {
-    pub fn start(listener: Arc<str>, method: Method, path: &str, request_id: HeaderValue) -> Self {
+    pub fn start(
+        listener: Arc<str>,
+        method: Method,
+        path: &str,
+        request_id: HeaderValue,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         // Only the path is logged: no query (it may carry secrets), bounded in length.
         let path = path.chars().take(256).collect();
         Exchange {
@@ -71,6 +93,75 @@ impl Exchange {
             refused: false,
             outcome: None,
             slot: None,
+            route: None,
+            error_kind: None,
+            metrics,
+            sse: None,
+        }
+    }
+
+    /// The response is an SSE stream: count its events and gaps, and it is a stream in
+    /// flight until the exchange ends.
+    pub fn start_sse(&mut self) {
+        self.metrics
+            .streams_in_flight
+            .get_or_create(&ListenerLabel {
+                listener: self.listener.to_string(),
+            })
+            .inc();
+        self.sse = Some(SseState {
+            scan: SseScan::default(),
+            last_event: None,
+        });
+    }
+
+    fn record_metrics(&self, outcome: Outcome) {
+        let m = &self.metrics;
+        let listener = ListenerLabel {
+            listener: self.listener.to_string(),
+        };
+        m.requests
+            .get_or_create(&RequestLabels {
+                listener: listener.listener.clone(),
+                route: self.route.as_deref().unwrap_or("-").to_string(),
+                status: status_class(self.status),
+            })
+            .inc();
+        m.duration
+            .get_or_create(&listener)
+            .observe(self.started.elapsed().as_secs_f64());
+        m.bytes_in
+            .get_or_create(&listener)
+            .inc_by(self.bytes_in.load(Ordering::Relaxed));
+        m.bytes_out.get_or_create(&listener).inc_by(self.bytes_out);
+        if let Some(up) = &self.upstream {
+            let upstream = UpstreamLabel {
+                upstream: up.to_string(),
+            };
+            if let Some(t) = self.ttfb {
+                m.ttfb.get_or_create(&upstream).observe(t.as_secs_f64());
+            }
+            if let Some(sse) = &self.sse {
+                m.sse_events
+                    .get_or_create(&upstream)
+                    .observe(sse.scan.events as f64);
+            }
+            let kind = match (outcome, self.error_kind) {
+                (Outcome::Aborted, _) => Some("stream_aborted"),
+                (Outcome::Refused, Some(k)) if k.starts_with("upstream") => Some(k),
+                _ => None,
+            };
+            if let Some(kind) = kind {
+                m.upstream_errors
+                    .get_or_create(&ErrorLabels {
+                        upstream: up.to_string(),
+                        kind: kind.to_string(),
+                    })
+                    .inc();
+            }
+        }
+        if self.sse.is_some() {
+            m.streams_in_flight.get_or_create(&listener).dec();
         }
     }
 
@@ -108,8 +199,22 @@ impl Exchange {
 }
 
 impl Meter for Exchange {
-    fn frame(&mut self, len: usize) {
-        self.bytes_out += len as u64;
+    fn frame(&mut self, data: &Bytes) {
+        self.bytes_out += data.len() as u64;
+        if let Some(sse) = &mut self.sse {
+            if sse.scan.scan(data) > 0 {
+                let now = Instant::now();
+                if let (Some(last), Some(up)) = (sse.last_event, &self.upstream) {
+                    self.metrics
+                        .sse_gap
+                        .get_or_create(&UpstreamLabel {
+                            upstream: up.to_string(),
+                        })
+                        .observe((now - last).as_secs_f64());
+                }
+                sse.last_event = Some(now);
+            }
+        }
     }
 
     fn end(&mut self, result: Result<(), &BodyError>) {
@@ -127,6 +232,7 @@ impl Meter for Exchange {
 impl Drop for Exchange {
     fn drop(&mut self) {
         self.write();
+        self.record_metrics(self.outcome.unwrap_or(Outcome::ClientGone));
     }
 }
 
@@ -134,8 +240,8 @@ impl Drop for Exchange {
 pub struct CountIn(pub Arc<AtomicU64>);
 
 impl Meter for CountIn {
-    fn frame(&mut self, len: usize) {
-        self.0.fetch_add(len as u64, Ordering::Relaxed);
+    fn frame(&mut self, data: &Bytes) {
+        self.0.fetch_add(data.len() as u64, Ordering::Relaxed);
     }
 
     fn end(&mut self, _: Result<(), &BodyError>) {}

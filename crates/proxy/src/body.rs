@@ -28,7 +28,7 @@ pub enum BodyError {
 /// body ends cleanly (`Ok`) or fails (`Err`). Dropping an observer that never saw `end`
 /// means the receiving side went away (client disconnect or upstream request abandoned).
 pub trait Meter: Send + 'static {
-    fn frame(&mut self, len: usize);
+    fn frame(&mut self, data: &Bytes);
     fn end(&mut self, result: Result<(), &BodyError>);
 }
 
@@ -191,7 +191,7 @@ impl Body for Relay {
                     idle.reset();
                 }
                 if let (Some(m), Some(data)) = (&mut this.meter, frame.data_ref()) {
-                    m.frame(data.len());
+                    m.frame(data);
                 }
             }
             Some(Err(e)) => this.finish(Err(e)),

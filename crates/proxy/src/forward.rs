@@ -8,6 +8,7 @@ use crate::config::BackendAddr;
 use crate::error::ProxyError;
 use crate::gate::Gate;
 use crate::headers::{self, X_REQUEST_ID};
+use crate::metrics::{ListenerLabel, Metrics};
 use crate::poc::Poc;
 use crate::route::{split_query, RouteTable};
 use crate::upstream::Upstream;
@@ -31,6 +32,10 @@ pub struct ListenerCtx {
     pub proto: &'static str,
     pub poc: Arc<Poc>,
     pub gate: Gate,
+    pub metrics: Arc<Metrics>,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Slowloris guard for this listener's connections.
+    pub header_timeout: std::time::Duration,
 }
 
 /// Serves one request. Never fails: errors are responses. Dropping this future (client gone
@@ -46,11 +51,21 @@ pub async fn handle(
         req.method().clone(),
         req.uri().path(),
         request_id.clone(),
+        ctx.metrics.clone(),
     );
+    if req.method() == Method::POST && req.uri().path().contains("/poc-batches/") {
+        ctx.metrics
+            .callbacks_relayed
+            .get_or_create(&ListenerLabel {
+                listener: ctx.name.to_string(),
+            })
+            .inc();
+    }
     let mut resp = match forward(&ctx, peer, req, &mut ex).await {
         Ok(resp) => resp,
         Err(e) => {
             ex.error = Some(e.to_string());
+            ex.error_kind = Some(e.kind());
             ex.refused = true;
             e.to_response()
         }
@@ -75,6 +90,7 @@ async fn forward(
     let matched = ctx.routes.resolve(target).ok_or(ProxyError::NoRoute)?;
     let upstream = &ctx.upstreams[matched.route.upstream];
     ex.upstream = Some(upstream.name.clone());
+    ex.route = Some(matched.route.label.clone());
     let poc_body = matched.route.poc
         && ctx
             .poc
@@ -136,6 +152,13 @@ async fn forward(
 
     let (mut parts, body) = resp.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
+    let is_sse = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if is_sse {
+        ex.start_sse();
+    }
     // hyper writes the response in the client's protocol; an HTTP/1.0 upstream (or an h2
     // client) must not leak its version into the status line.
     parts.version = Version::HTTP_11;

@@ -2,16 +2,20 @@
 //! design.md for the behaviour contract; `forward` reads as one request's way.
 
 pub mod access_log;
+pub mod admin;
 pub mod body;
 pub mod config;
+pub mod conn;
 pub mod detect;
 pub mod error;
 pub mod forward;
 pub mod gate;
 pub mod headers;
 pub mod logging;
+pub mod metrics;
 pub mod poc;
 pub mod route;
+pub mod runtime;
 pub mod server;
 pub mod signals;
 pub mod tls;

@@ -9,9 +9,9 @@ use bytes::{Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderValue, Method};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// The PoC endpoints whose bodies carry a callback `url` (design §2; `/pow/init` is the
@@ -79,12 +79,13 @@ pub fn parse_origin(text: &str) -> Result<String, String> {
     }
 }
 
-/// Live PoC guard with its counters.
+/// Live PoC guard with its counters (shared with the metrics registry, so they survive
+/// a reload that replaces the guard).
 #[derive(Debug, Default)]
 pub struct Poc {
     pub cfg: PocConfig,
-    pub rewritten: AtomicU64,
-    pub refused: AtomicU64,
+    pub rewritten: Counter,
+    pub refused: Counter,
 }
 
 /// What the guard decided for one body.
@@ -101,6 +102,15 @@ impl Poc {
         Poc {
             cfg,
             ..Default::default()
+        }
+    }
+
+    /// A guard counting into the given (registered) counters.
+    pub fn with_counters(cfg: PocConfig, rewritten: Counter, refused: Counter) -> Self {
+        Poc {
+            cfg,
+            rewritten,
+            refused,
         }
     }
 
@@ -134,7 +144,7 @@ impl Poc {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > limit) {
-            self.refused.fetch_add(1, Ordering::Relaxed);
+            self.refused.inc();
             return Err(ProxyError::PayloadTooLarge { limit });
         }
         let collected = Limited::new(Relay::stream(body, idle), limit as usize)
@@ -142,7 +152,7 @@ impl Poc {
             .await
             .map_err(|e| {
                 if e.is::<http_body_util::LengthLimitError>() {
-                    self.refused.fetch_add(1, Ordering::Relaxed);
+                    self.refused.inc();
                     ProxyError::PayloadTooLarge { limit }
                 } else {
                     ProxyError::BadRequest(format!("could not read the request body: {e}"))
@@ -155,12 +165,12 @@ impl Poc {
                 Ok(bytes)
             }
             Verdict::Refuse(reason) => {
-                self.refused.fetch_add(1, Ordering::Relaxed);
+                self.refused.inc();
                 tracing::warn!(path, "PoC request refused: {reason}");
                 Err(ProxyError::Forbidden(reason))
             }
             Verdict::Malformed(reason) => {
-                self.refused.fetch_add(1, Ordering::Relaxed);
+                self.refused.inc();
                 tracing::warn!(path, "PoC request refused: {reason}");
                 Err(ProxyError::BadRequest(reason))
             }
@@ -194,7 +204,7 @@ impl Poc {
                 Err(reason) => return Verdict::Refuse(reason),
             };
             tracing::info!(from = origin, to = %replacement, "PoC callback url rewritten");
-            self.rewritten.fetch_add(1, Ordering::Relaxed);
+            self.rewritten.inc();
             let buf = out.get_or_insert_with(|| BytesMut::with_capacity(body.len() + 64));
             buf.extend_from_slice(&body[copied..span.start]);
             // serde_json escapes only what JSON requires; the path part is kept verbatim.

@@ -11,6 +11,8 @@ pub struct Route {
     pub upstream: usize,
     pub strip_prefix: bool,
     pub poc: bool,
+    /// The prefix as a shared string: the route's metrics label.
+    pub label: std::sync::Arc<str>,
 }
 
 #[derive(Debug, Clone)]
@@ -39,6 +41,7 @@ impl RouteTable {
                     upstream: upstream_index(&r.upstream)?,
                     strip_prefix: r.strip_prefix,
                     poc: r.poc,
+                    label: r.prefix.as_str().into(),
                 })
             })
             .collect();

@@ -1,31 +1,22 @@
-//! Listeners: bind, accept under a per-listener connection cap, detect the protocol under
-//! the header timeout, serve with hyper, and drain gracefully on shutdown.
+//! Listeners and the process lifecycle: bind, accept under a per-listener connection cap,
+//! hand each connection to `conn`, apply reloads (SIGHUP or the admin API), and drain on
+//! shutdown.
 
 use crate::config::{Config, ListenerConfig};
-use crate::detect::{detect, Prefixed, Protocol};
-use crate::forward::{self, ListenerCtx};
-use crate::gate::Gate;
-use crate::poc::Poc;
-use crate::route::RouteTable;
+use crate::forward::ListenerCtx;
+use crate::metrics::{ErrorLabels, Metrics};
+use crate::runtime::Runtime;
 use crate::upstream::Upstream;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulConnection;
-use std::convert::Infallible;
+use arc_swap::ArcSwap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
-use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::task::TaskTracker;
-
-/// HTTP/2 streams per client connection; a DAPI multiplexing one connection must not be
-/// capped below what a node registers (`max_concurrent: 500`).
-const H2_MAX_STREAMS: u32 = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -39,108 +30,313 @@ pub enum StartError {
     },
 }
 
-/// Bound listeners, ready to serve. Binding is separate from running so callers (tests,
-/// `demo`) can learn the real ports before traffic starts.
-pub struct Server {
-    listeners: Vec<Bound>,
-    grace: Duration,
-    upstreams: Vec<Arc<Upstream>>,
+/// Where a reload reads the config from.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    /// Not reloadable (tests, `demo`).
+    Fixed,
+    /// The embedded default, expanded again with the current environment.
+    Embedded,
+    File(PathBuf),
 }
 
-struct Bound {
-    cfg: ListenerConfig,
-    tcp: TcpListener,
-    ctx: Arc<ListenerCtx>,
-    tls: Option<TlsAcceptor>,
+type ReloadReply = oneshot::Sender<Result<(), String>>;
+
+/// Asks the running server to reload its config; cheap to clone.
+#[derive(Clone)]
+pub struct Reloader(mpsc::Sender<ReloadReply>);
+
+impl Reloader {
+    /// Reloads and waits for the verdict. `Err` carries why the new config was rejected
+    /// (the old one keeps serving).
+    pub async fn reload(&self) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        self.0
+            .send(tx)
+            .await
+            .map_err(|_| "server is not running".to_string())?;
+        rx.await
+            .map_err(|_| "server stopped during the reload".to_string())?
+    }
+}
+
+/// State shared with the admin API.
+pub struct Shared {
+    pub runtime: ArcSwap<Runtime>,
+    pub metrics: Arc<Metrics>,
+    pub reloader: Reloader,
+}
+
+/// One bound listener. The socket stays open across reloads that keep its address; its
+/// context (routes, gate, TLS, upstreams) is swapped for new connections.
+struct Slot {
+    name: String,
+    bind: SocketAddr,
+    addr: SocketAddr,
+    ctx: Arc<ArcSwap<ListenerCtx>>,
+    limit: Arc<Semaphore>,
+    max: usize,
+    stop: watch::Sender<bool>,
+    tcp: Option<TcpListener>,
+    task: Option<JoinHandle<()>>,
+}
+
+/// Bound listeners, ready to serve. Binding is separate from running so callers (tests,
+/// `demo`) learn the real ports before traffic starts.
+pub struct Server {
+    shared: Arc<Shared>,
+    slots: Vec<Slot>,
+    admin: Option<(TcpListener, Option<String>)>,
+    source: ConfigSource,
+    reload_rx: mpsc::Receiver<ReloadReply>,
 }
 
 impl Server {
     pub async fn bind(config: &Config) -> Result<Server, StartError> {
-        let upstreams: Vec<Arc<Upstream>> = config
-            .upstreams
-            .iter()
-            .cloned()
-            .map(|u| Upstream::new(u).map(Arc::new))
-            .collect::<Result<_, _>>()
-            .map_err(StartError::Setup)?;
-        let poc = Arc::new(Poc::new(config.poc.clone()));
-        let mut listeners = Vec::new();
-        for l in &config.listeners {
-            let tcp = bind_tcp(l.bind).map_err(|source| StartError::Bind {
-                name: l.name.clone(),
-                addr: l.bind,
-                source,
-            })?;
-            let setup = |e: String| StartError::Setup(format!("listener {}: {e}", l.name));
-            let tls = match &l.tls {
-                Some(t) => Some(TlsAcceptor::from(
-                    crate::tls::server_config(t).map_err(setup)?,
-                )),
-                None => None,
-            };
-            let ctx = Arc::new(ListenerCtx {
-                name: l.name.as_str().into(),
-                routes: RouteTable::new(l, |n| config.upstream_index(n)),
-                upstreams: upstreams.clone(),
-                proto: if tls.is_some() { "https" } else { "http" },
-                poc: poc.clone(),
-                gate: Gate::new(&l.gate).map_err(setup)?,
-            });
-            listeners.push(Bound {
-                cfg: l.clone(),
-                tcp,
-                ctx,
-                tls,
-            });
+        let metrics = Arc::new(Metrics::new());
+        let runtime = Runtime::build(config.clone(), &metrics, None).map_err(StartError::Setup)?;
+        let mut slots = Vec::new();
+        for (l, ctx) in config.listeners.iter().zip(&runtime.listeners) {
+            slots.push(Slot::bind(l, ctx.clone())?);
         }
+        let admin = match &config.admin {
+            Some(a) => {
+                let tcp = bind_tcp(a.bind).map_err(|source| StartError::Bind {
+                    name: "admin".into(),
+                    addr: a.bind,
+                    source,
+                })?;
+                Some((tcp, a.token.clone()))
+            }
+            None => None,
+        };
+        let (tx, reload_rx) = mpsc::channel(8);
         Ok(Server {
-            listeners,
-            grace: config.server.shutdown_grace,
-            upstreams,
+            shared: Arc::new(Shared {
+                runtime: ArcSwap::from_pointee(runtime),
+                metrics,
+                reloader: Reloader(tx),
+            }),
+            slots,
+            admin,
+            source: ConfigSource::Fixed,
+            reload_rx,
         })
+    }
+
+    /// Where SIGHUP and `POST /reload` read the new config from.
+    pub fn with_source(mut self, source: ConfigSource) -> Self {
+        self.source = source;
+        self
     }
 
     /// The address a listener actually bound (port 0 resolved).
     pub fn local_addr(&self, listener: &str) -> Option<SocketAddr> {
-        self.listeners
+        self.slots
             .iter()
-            .find(|l| l.cfg.name == listener)
-            .and_then(|l| l.tcp.local_addr().ok())
+            .find(|s| s.name == listener)
+            .map(|s| s.addr)
     }
 
-    pub fn upstreams(&self) -> &[Arc<Upstream>] {
-        &self.upstreams
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|(t, _)| t.local_addr().ok())
+    }
+
+    /// The current upstreams (changes with reloads).
+    pub fn upstreams(&self) -> Vec<Arc<Upstream>> {
+        self.shared.runtime.load().upstreams.clone()
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.metrics
+    }
+
+    pub fn reloader(&self) -> Reloader {
+        self.shared.reloader.clone()
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests and
     /// streams finish for up to the grace period, and returns.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let (stop_tx, stop_rx) = watch::channel(false);
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         let connections = TaskTracker::new();
-        // Health checks live as long as this call; dropping the set aborts them.
-        let mut health_checks = JoinSet::new();
-        for u in &self.upstreams {
-            if u.cfg.health.enabled {
-                health_checks.spawn(crate::upstream::health::run(u.clone()));
+        let mut health = HealthTasks::default();
+        health.sync(&self.shared.runtime.load().upstreams);
+        for slot in &mut self.slots {
+            slot.start(&connections);
+        }
+        let admin = self
+            .admin
+            .take()
+            .map(|(tcp, token)| tokio::spawn(crate::admin::serve(tcp, token, self.shared.clone())));
+        let hangups = tokio::spawn(crate::signals::reload_on_hangup(
+            self.shared.reloader.clone(),
+        ));
+
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                Some(reply) = self.reload_rx.recv() => {
+                    let result = self.reload(&connections, &mut health);
+                    let label = ErrorLabels {
+                        upstream: String::new(),
+                        kind: if result.is_ok() { "ok" } else { "rejected" }.into(),
+                    };
+                    self.shared.metrics.reloads.get_or_create(&label).inc();
+                    match &result {
+                        Ok(()) => tracing::info!("config reloaded"),
+                        Err(e) => tracing::error!("reload rejected, the running config stays: {e}"),
+                    }
+                    let _ = reply.send(result);
+                }
             }
         }
-        let mut accept_loops = JoinSet::new();
-        for l in self.listeners {
-            tracing::info!(
-                listener = %l.cfg.name,
-                addr = %l.tcp.local_addr().map_or(l.cfg.bind, |a| a),
-                "listening"
-            );
-            accept_loops.spawn(accept_loop(l, stop_rx.clone(), connections.clone()));
+        hangups.abort();
+        let grace = self.shared.runtime.load().config.server.shutdown_grace;
+        tracing::info!(grace = %humantime::format_duration(grace), "shutting down: no new connections, draining");
+        for slot in &mut self.slots {
+            slot.stop().await;
         }
-        shutdown.await;
-        tracing::info!(grace = %humantime::format_duration(self.grace), "shutting down: no new connections, draining");
-        let _ = stop_tx.send(true);
-        while accept_loops.join_next().await.is_some() {}
         connections.close();
-        match tokio::time::timeout(self.grace, connections.wait()).await {
+        match tokio::time::timeout(grace, connections.wait()).await {
             Ok(()) => tracing::info!("drained, all connections closed"),
             Err(_) => tracing::warn!("grace period over, closing remaining connections"),
+        }
+        if let Some(a) = admin {
+            a.abort();
+        }
+        drop(health);
+    }
+
+    /// Loads the config again, builds everything it needs, and only then swaps it in:
+    /// kept listeners get the new context for new connections, removed ones stop
+    /// accepting (their requests finish), new ones start.
+    fn reload(
+        &mut self,
+        connections: &TaskTracker,
+        health: &mut HealthTasks,
+    ) -> Result<(), String> {
+        let config = match &self.source {
+            ConfigSource::Fixed => return Err("this process has no config file to reload".into()),
+            ConfigSource::Embedded => Config::load(None),
+            ConfigSource::File(p) => Config::load(Some(p)),
+        }
+        .map_err(|e| e.to_string())?;
+        if config.admin.as_ref().map(|a| a.bind)
+            != self
+                .shared
+                .runtime
+                .load()
+                .config
+                .admin
+                .as_ref()
+                .map(|a| a.bind)
+        {
+            tracing::warn!("admin.bind changed: the admin listener moves only on restart");
+        }
+        let old = self.shared.runtime.load_full();
+        let runtime = Runtime::build(config, &self.shared.metrics, Some(&old))?;
+
+        // Bind what is new before touching anything, so a failure leaves all as it was.
+        let mut plan: Vec<(usize, Option<usize>)> = Vec::new(); // (new listener, kept slot)
+        let mut fresh: Vec<Slot> = Vec::new();
+        for (i, l) in runtime.config.listeners.iter().enumerate() {
+            let kept = self
+                .slots
+                .iter()
+                .position(|s| s.bind == l.bind && (s.name == l.name || l.bind.port() != 0));
+            if kept.is_none() {
+                fresh.push(Slot::bind(l, runtime.listeners[i].clone()).map_err(|e| e.to_string())?);
+            }
+            plan.push((i, kept));
+        }
+
+        let runtime = Arc::new(runtime);
+        let mut next: Vec<Slot> = Vec::new();
+        let mut old_slots: Vec<Option<Slot>> = std::mem::take(&mut self.slots)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let mut fresh = fresh.into_iter();
+        for (i, kept) in plan {
+            let l = &runtime.config.listeners[i];
+            let ctx = runtime.listeners[i].clone();
+            match kept.and_then(|k| old_slots[k].take()) {
+                Some(mut slot) => {
+                    slot.update(l, ctx);
+                    next.push(slot);
+                }
+                None => {
+                    if let Some(mut slot) = fresh.next() {
+                        slot.start(connections);
+                        next.push(slot);
+                    }
+                }
+            }
+        }
+        for slot in old_slots.into_iter().flatten() {
+            tracing::info!(listener = %slot.name, "listener removed: no new connections, in-flight requests finish");
+            let _ = slot.stop.send(true);
+        }
+        self.slots = next;
+        health.sync(&runtime.upstreams);
+        self.shared.runtime.store(runtime);
+        Ok(())
+    }
+}
+
+impl Slot {
+    fn bind(l: &ListenerConfig, ctx: Arc<ListenerCtx>) -> Result<Slot, StartError> {
+        let tcp = bind_tcp(l.bind).map_err(|source| StartError::Bind {
+            name: l.name.clone(),
+            addr: l.bind,
+            source,
+        })?;
+        let addr = tcp.local_addr().unwrap_or(l.bind);
+        Ok(Slot {
+            name: l.name.clone(),
+            bind: l.bind,
+            addr,
+            ctx: Arc::new(ArcSwap::new(ctx)),
+            limit: Arc::new(Semaphore::new(l.max_connections)),
+            max: l.max_connections,
+            stop: watch::channel(false).0,
+            tcp: Some(tcp),
+            task: None,
+        })
+    }
+
+    fn start(&mut self, connections: &TaskTracker) {
+        if let Some(tcp) = self.tcp.take() {
+            tracing::info!(listener = %self.name, addr = %self.addr, "listening");
+            self.task = Some(tokio::spawn(accept_loop(
+                self.name.clone(),
+                tcp,
+                self.ctx.clone(),
+                self.limit.clone(),
+                self.stop.subscribe(),
+                connections.clone(),
+            )));
+        }
+    }
+
+    /// New context for new connections; the connection cap follows the new setting
+    /// (lowering it takes effect as connections close).
+    fn update(&mut self, l: &ListenerConfig, ctx: Arc<ListenerCtx>) {
+        self.name = l.name.clone();
+        self.ctx.store(ctx);
+        if l.max_connections > self.max {
+            self.limit.add_permits(l.max_connections - self.max);
+        } else {
+            self.limit.forget_permits(self.max - l.max_connections);
+        }
+        self.max = l.max_connections;
+    }
+
+    async fn stop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
         }
     }
 }
@@ -156,183 +352,68 @@ fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(4096)
 }
 
-async fn accept_loop(l: Bound, mut stop: watch::Receiver<bool>, connections: TaskTracker) {
-    let limit = Arc::new(Semaphore::new(l.cfg.max_connections));
+async fn accept_loop(
+    name: String,
+    tcp: TcpListener,
+    ctx: Arc<ArcSwap<ListenerCtx>>,
+    limit: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+    connections: TaskTracker,
+) {
     let mut warned_full = false;
     loop {
         // Backpressure: at the connection cap, stop accepting until one closes.
         let permit = tokio::select! {
             p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = stopped(&mut stop) => return,
+            _ = crate::conn::stopped(&mut stop) => return,
         };
         if limit.available_permits() == 0 && !warned_full {
             warned_full = true;
-            tracing::warn!(listener = %l.cfg.name, max = l.cfg.max_connections, "connection cap reached; new connections wait");
+            tracing::warn!(listener = %name, "connection cap reached; new connections wait");
         }
         let (stream, peer) = tokio::select! {
-            r = l.tcp.accept() => match r {
+            r = tcp.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!(listener = %l.cfg.name, "accept failed: {e}");
+                    tracing::warn!(listener = %name, "accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
-            _ = stopped(&mut stop) => return,
+            _ = crate::conn::stopped(&mut stop) => return,
         };
         let _ = stream.set_nodelay(true);
-        let ctx = l.ctx.clone();
+        let ctx = ctx.load_full();
         let stop = stop.clone();
-        let header_timeout = l.cfg.header_timeout;
-        let tls = l.tls.clone();
         connections.spawn(async move {
-            match tls {
-                None => serve_connection(stream, peer, ctx, header_timeout, None, stop).await,
-                Some(acceptor) => {
-                    serve_tls(acceptor, stream, peer, ctx, header_timeout, stop).await
-                }
-            }
+            crate::conn::serve(stream, peer, ctx, stop).await;
             drop(permit);
         });
     }
 }
 
-/// TLS handshake (bounded by the header timeout; no plain-HTTP fallback), then HTTP.
-async fn serve_tls(
-    acceptor: TlsAcceptor,
-    stream: TcpStream,
-    peer: SocketAddr,
-    ctx: Arc<ListenerCtx>,
-    header_timeout: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
-    let handshake = tokio::select! {
-        r = tokio::time::timeout(header_timeout, acceptor.accept(stream)) => r,
-        _ = stopped(&mut stop) => return,
-    };
-    let tls = match handshake {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            tracing::info!(listener = &*ctx.name, %peer, "TLS handshake failed: {e}");
-            return;
-        }
-        Err(_) => {
-            tracing::info!(listener = &*ctx.name, %peer, "TLS handshake not completed within the header timeout");
-            return;
-        }
-    };
-    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
-    serve_connection(
-        tls,
-        peer,
-        ctx,
-        header_timeout,
-        h2.then_some(Protocol::Http2),
-        stop,
-    )
-    .await;
+/// One health-check task per upstream object; kept in step with the current upstreams.
+#[derive(Default)]
+struct HealthTasks {
+    running: Vec<(Arc<Upstream>, tokio::task::AbortHandle)>,
+    set: JoinSet<()>,
 }
 
-/// Serves HTTP on an accepted stream: the protocol is known (ALPN) or detected from the
-/// first bytes under the header timeout.
-async fn serve_connection<S>(
-    mut stream: S,
-    peer: SocketAddr,
-    ctx: Arc<ListenerCtx>,
-    header_timeout: Duration,
-    known: Option<Protocol>,
-    mut stop: watch::Receiver<bool>,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let detected = match known {
-        Some(p) => Ok(Ok(Some((p, Vec::new())))),
-        None => tokio::select! {
-            r = tokio::time::timeout(header_timeout, detect(&mut stream)) => r,
-            _ = stopped(&mut stop) => return,
-        },
-    };
-    let (protocol, prefix) = match detected {
-        Ok(Ok(Some(x))) => x,
-        Ok(Ok(None)) => return,
-        Ok(Err(e)) => {
-            tracing::debug!(%peer, "read failed before the first request: {e}");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!(%peer, "no request within the header timeout; closing");
-            return;
-        }
-    };
-    let io = TokioIo::new(Prefixed::new(prefix, stream));
-    // Set on the first request: an h2 client that never sends one is closed like a
-    // silent HTTP/1 client.
-    let seen_request = Arc::new(AtomicBool::new(false));
-    let seen = seen_request.clone();
-    let service = service_fn(move |req| {
-        seen.store(true, Ordering::Relaxed);
-        let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(forward::handle(ctx, peer, req).await) }
-    });
-    let result = match protocol {
-        Protocol::Http1 => {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .keep_alive(true)
-                .serve_connection(io, service);
-            until_drained(std::pin::pin!(conn), stop).await
-        }
-        Protocol::Http2 => {
-            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(H2_MAX_STREAMS)
-                .keep_alive_interval(Duration::from_secs(30))
-                .serve_connection(io, service);
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                out = conn.as_mut() => out,
-                _ = stopped(&mut stop) => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-                _ = tokio::time::sleep(header_timeout) => {
-                    if !seen_request.load(Ordering::Relaxed) {
-                        // Dropped, not drained: a graceful GOAWAY would wait for a client
-                        // that has shown no intention of talking.
-                        tracing::debug!(%peer, "h2 client sent no request within the header timeout; closing");
-                        return;
-                    }
-                    until_drained(conn, stop).await
-                }
+impl HealthTasks {
+    fn sync(&mut self, upstreams: &[Arc<Upstream>]) {
+        self.running.retain(|(u, handle)| {
+            let keep = upstreams.iter().any(|n| Arc::ptr_eq(n, u));
+            if !keep {
+                handle.abort();
+            }
+            keep
+        });
+        for u in upstreams {
+            if u.cfg.health.enabled && !self.running.iter().any(|(r, _)| Arc::ptr_eq(r, u)) {
+                let handle = self.set.spawn(crate::upstream::health::run(u.clone()));
+                self.running.push((u.clone(), handle));
             }
         }
-    };
-    if let Err(e) = result {
-        tracing::debug!(%peer, "connection ended with error: {e}");
     }
-}
-
-/// Runs a connection; on shutdown asks it to finish in-flight requests and close (idle h1
-/// connections close at once, h2 sends GOAWAY), then waits for that.
-async fn until_drained<C>(
-    mut conn: std::pin::Pin<&mut C>,
-    mut stop: watch::Receiver<bool>,
-) -> C::Output
-where
-    C: GracefulConnection,
-{
-    tokio::select! {
-        out = conn.as_mut() => out,
-        _ = stopped(&mut stop) => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    }
-}
-
-/// Resolves once shutdown has been signalled (or the signal's sender is gone).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }

@@ -36,3 +36,31 @@ pub fn raise_fd_limit() {
         Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
     }
 }
+
+/// SIGHUP reloads the config (and no longer terminates the process, as it would by
+/// default). Runs until the server stops.
+pub async fn reload_on_hangup(reloader: crate::server::Reloader) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(
+                    "cannot install the SIGHUP handler, reload via the admin API only: {e}"
+                );
+                return;
+            }
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP received: reloading the config");
+            // The verdict is logged by the server.
+            let _ = reloader.reload().await;
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = reloader;
+        std::future::pending::<()>().await;
+    }
+}

@@ -17,6 +17,15 @@ pub struct FileConfig {
     pub upstreams: BTreeMap<String, UpstreamSection>,
     #[serde(default)]
     pub poc: PocSection,
+    pub admin: Option<AdminSection>,
+}
+
+/// The admin listener (health, readiness, metrics, backends, config, reload).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    pub bind: Option<String>,
+    pub token: Option<String>,
 }
 
 /// PoC callback guard (applies on routes with `poc = true`).

@@ -50,6 +50,23 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     pub upstreams: Vec<UpstreamConfig>,
     pub poc: PocConfig,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin: Option<AdminConfig>,
+}
+
+/// The admin listener. Its address is fixed at start (a reload does not move it).
+#[derive(Debug, Clone, Serialize)]
+pub struct AdminConfig {
+    pub bind: SocketAddr,
+    #[serde(serialize_with = "redact_opt", skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+fn redact_opt<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(_) => s.serialize_str("<redacted>"),
+        None => s.serialize_none(),
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -207,6 +224,7 @@ pub mod defaults {
     pub const HEALTH_SUCCESSES: u32 = 1;
     /// Upper bound on backends one port range may expand to.
     pub const MAX_PORT_RANGE: u32 = 256;
+    pub const ADMIN_BIND: &str = "127.0.0.1:9901";
 }
 
 impl Config {
@@ -390,6 +408,34 @@ fn validate(file: file::FileConfig) -> Result<Config, ConfigError> {
         });
     }
     let poc = validate_poc(file.poc)?;
+    let admin = match file.admin {
+        None => None,
+        Some(a) => {
+            let text = a.bind.unwrap_or_else(|| defaults::ADMIN_BIND.into());
+            let bind: SocketAddr = text.parse().map_err(|_| {
+                invalid(
+                    "admin.bind",
+                    format!("{text:?} is not an address like 127.0.0.1:9901"),
+                )
+            })?;
+            if let Some((_, other)) = binds.iter().find(|(b, _)| *b == bind && bind.port() != 0) {
+                return Err(invalid(
+                    "admin.bind",
+                    format!("{bind} is already used by listener {other}"),
+                ));
+            }
+            if a.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+                return Err(invalid(
+                    "admin.token",
+                    "empty token (is its environment variable set?)",
+                ));
+            }
+            Some(AdminConfig {
+                bind,
+                token: a.token,
+            })
+        }
+    };
     if poc.active() && !listeners.iter().any(|l| l.routes.iter().any(|r| r.poc)) {
         tracing::warn!(
             "[poc] is configured but no route has poc = true; PoC bodies pass untouched"
@@ -400,6 +446,7 @@ fn validate(file: file::FileConfig) -> Result<Config, ConfigError> {
         listeners,
         upstreams,
         poc,
+        admin,
     })
 }
 

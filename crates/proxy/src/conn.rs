@@ -1,0 +1,173 @@
+//! One accepted connection: TLS handshake (if any), protocol detection under the header
+//! timeout, hyper serving, and the graceful drain when its listener stops.
+
+use crate::detect::{detect, Prefixed, Protocol};
+use crate::forward::{self, ListenerCtx};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulConnection;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+/// HTTP/2 streams per client connection; a DAPI multiplexing one connection must not be
+/// capped below what a node registers (`max_concurrent: 500`).
+const H2_MAX_STREAMS: u32 = 1024;
+
+/// Serves one accepted TCP connection with the listener context current at accept time
+/// (a reload never changes a connection mid-flight).
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<ListenerCtx>,
+    stop: watch::Receiver<bool>,
+) {
+    let header_timeout = ctx.header_timeout;
+    match ctx.tls.clone() {
+        None => serve_connection(stream, peer, ctx, header_timeout, None, stop).await,
+        Some(acceptor) => serve_tls(acceptor, stream, peer, ctx, header_timeout, stop).await,
+    }
+}
+
+/// TLS handshake (bounded by the header timeout; no plain-HTTP fallback), then HTTP.
+async fn serve_tls(
+    acceptor: tokio_rustls::TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<ListenerCtx>,
+    header_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let handshake = tokio::select! {
+        r = tokio::time::timeout(header_timeout, acceptor.accept(stream)) => r,
+        _ = stopped(&mut stop) => return,
+    };
+    let tls = match handshake {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::info!(listener = &*ctx.name, %peer, "TLS handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(listener = &*ctx.name, %peer, "TLS handshake not completed within the header timeout");
+            return;
+        }
+    };
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+    serve_connection(
+        tls,
+        peer,
+        ctx,
+        header_timeout,
+        h2.then_some(Protocol::Http2),
+        stop,
+    )
+    .await;
+}
+
+/// Serves HTTP on an accepted stream: the protocol is known (ALPN) or detected from the
+/// first bytes under the header timeout.
+async fn serve_connection<S>(
+    mut stream: S,
+    peer: SocketAddr,
+    ctx: Arc<ListenerCtx>,
+    header_timeout: Duration,
+    known: Option<Protocol>,
+    mut stop: watch::Receiver<bool>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let detected = match known {
+        Some(p) => Ok(Ok(Some((p, Vec::new())))),
+        None => tokio::select! {
+            r = tokio::time::timeout(header_timeout, detect(&mut stream)) => r,
+            _ = stopped(&mut stop) => return,
+        },
+    };
+    let (protocol, prefix) = match detected {
+        Ok(Ok(Some(x))) => x,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, "read failed before the first request: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "no request within the header timeout; closing");
+            return;
+        }
+    };
+    let io = TokioIo::new(Prefixed::new(prefix, stream));
+    // Set on the first request: an h2 client that never sends one is closed like a
+    // silent HTTP/1 client.
+    let seen_request = Arc::new(AtomicBool::new(false));
+    let seen = seen_request.clone();
+    let service = service_fn(move |req| {
+        seen.store(true, Ordering::Relaxed);
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(forward::handle(ctx, peer, req).await) }
+    });
+    let result = match protocol {
+        Protocol::Http1 => {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .keep_alive(true)
+                .serve_connection(io, service);
+            until_drained(std::pin::pin!(conn), stop).await
+        }
+        Protocol::Http2 => {
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(H2_MAX_STREAMS)
+                .keep_alive_interval(Duration::from_secs(30))
+                .serve_connection(io, service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                out = conn.as_mut() => out,
+                _ = stopped(&mut stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+                _ = tokio::time::sleep(header_timeout) => {
+                    if !seen_request.load(Ordering::Relaxed) {
+                        // Dropped, not drained: a graceful GOAWAY would wait for a client
+                        // that has shown no intention of talking.
+                        tracing::debug!(%peer, "h2 client sent no request within the header timeout; closing");
+                        return;
+                    }
+                    until_drained(conn, stop).await
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, "connection ended with error: {e}");
+    }
+}
+
+/// Runs a connection; on shutdown asks it to finish in-flight requests and close (idle h1
+/// connections close at once, h2 sends GOAWAY), then waits for that.
+async fn until_drained<C>(
+    mut conn: std::pin::Pin<&mut C>,
+    mut stop: watch::Receiver<bool>,
+) -> C::Output
+where
+    C: GracefulConnection,
+{
+    tokio::select! {
+        out = conn.as_mut() => out,
+        _ = stopped(&mut stop) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    }
+}
+
+/// Resolves once shutdown has been signalled (or the signal's sender is gone).
+pub async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}

@@ -1,0 +1,300 @@
+//! Prometheus metrics (prometheus-client). One registry for the process lifetime, so
+//! counters survive config reloads. Labels stay bounded: listener, route prefix, upstream
+//! and backend names come from the config, status is a class; never raw paths or ids.
+
+use crate::upstream::Upstream;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub listener: String,
+    pub route: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    pub listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabel {
+    pub upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub upstream: String,
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub upstream: String,
+    pub backend: String,
+}
+
+type HistFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency() -> Histogram {
+    // 1 ms .. ~33 min: covers a token gap and a 20-minute inference/up.
+    Histogram::new(exponential_buckets(0.001, 2.0, 22))
+}
+
+fn token_gap() -> Histogram {
+    // 0.5 ms .. ~2 s: inter-token latency.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 13))
+}
+
+fn event_count() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 16))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub duration: HistFamily<ListenerLabel>,
+    pub ttfb: HistFamily<UpstreamLabel>,
+    pub sse_events: HistFamily<UpstreamLabel>,
+    pub sse_gap: HistFamily<UpstreamLabel>,
+    pub streams_in_flight: Family<ListenerLabel, Gauge>,
+    pub bytes_in: Family<ListenerLabel, Counter>,
+    pub bytes_out: Family<ListenerLabel, Counter>,
+    pub upstream_errors: Family<ErrorLabels, Counter>,
+    backend_in_flight: Family<BackendLabels, Gauge>,
+    backend_healthy: Family<BackendLabels, Gauge>,
+    backend_requests: Family<BackendLabels, Gauge>,
+    pub poc_rewritten: Counter,
+    pub poc_refused: Counter,
+    pub callbacks_relayed: Family<ListenerLabel, Counter>,
+    pub reloads: Family<ErrorLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut m = Metrics {
+            registry: Registry::with_prefix("podproxy"),
+            requests: Family::default(),
+            duration: Family::new_with_constructor(latency),
+            ttfb: Family::new_with_constructor(latency),
+            sse_events: Family::new_with_constructor(event_count),
+            sse_gap: Family::new_with_constructor(token_gap),
+            streams_in_flight: Family::default(),
+            bytes_in: Family::default(),
+            bytes_out: Family::default(),
+            upstream_errors: Family::default(),
+            backend_in_flight: Family::default(),
+            backend_healthy: Family::default(),
+            backend_requests: Family::default(),
+            poc_rewritten: Counter::default(),
+            poc_refused: Counter::default(),
+            callbacks_relayed: Family::default(),
+            reloads: Family::default(),
+        };
+        let r = &mut m.registry;
+        r.register(
+            "requests",
+            "Requests by listener, route prefix and status class",
+            m.requests.clone(),
+        );
+        r.register(
+            "request_duration_seconds",
+            "Request duration, until the response body ended",
+            m.duration.clone(),
+        );
+        r.register(
+            "upstream_ttfb_seconds",
+            "Time to the upstream's response head (time to first token for streams)",
+            m.ttfb.clone(),
+        );
+        r.register(
+            "sse_events_per_stream",
+            "SSE events relayed per text/event-stream response",
+            m.sse_events.clone(),
+        );
+        r.register(
+            "sse_event_gap_seconds",
+            "Gap between consecutive SSE events of a stream (inter-token latency)",
+            m.sse_gap.clone(),
+        );
+        r.register(
+            "streams_in_flight",
+            "text/event-stream responses being relayed",
+            m.streams_in_flight.clone(),
+        );
+        r.register(
+            "received_bytes",
+            "Request body bytes received from clients",
+            m.bytes_in.clone(),
+        );
+        r.register(
+            "sent_bytes",
+            "Response body bytes sent to clients",
+            m.bytes_out.clone(),
+        );
+        r.register(
+            "upstream_errors",
+            "Upstream failures by kind",
+            m.upstream_errors.clone(),
+        );
+        r.register(
+            "backend_in_flight",
+            "In-flight requests per backend",
+            m.backend_in_flight.clone(),
+        );
+        r.register(
+            "backend_healthy",
+            "1 when the backend is in rotation",
+            m.backend_healthy.clone(),
+        );
+        r.register(
+            "backend_requests",
+            "Requests sent to the backend since it was configured",
+            m.backend_requests.clone(),
+        );
+        r.register(
+            "poc_callback_rewritten",
+            "PoC callback urls pointed at the Network Node",
+            m.poc_rewritten.clone(),
+        );
+        r.register(
+            "poc_callback_refused",
+            "PoC requests refused (foreign callback, malformed, too large)",
+            m.poc_refused.clone(),
+        );
+        r.register(
+            "callbacks_relayed",
+            "PoC result callbacks (.../poc-batches/...) relayed",
+            m.callbacks_relayed.clone(),
+        );
+        r.register(
+            "config_reloads",
+            "Config reloads by result",
+            m.reloads.clone(),
+        );
+        m
+    }
+
+    /// Prometheus text exposition. Backend gauges are read from the live upstreams at
+    /// scrape time, so removed backends disappear after a reload.
+    pub fn render(&self, upstreams: &[Arc<Upstream>]) -> String {
+        self.backend_in_flight.clear();
+        self.backend_healthy.clear();
+        self.backend_requests.clear();
+        for u in upstreams {
+            for b in u.backends() {
+                let l = BackendLabels {
+                    upstream: u.name.to_string(),
+                    backend: b.label.to_string(),
+                };
+                self.backend_in_flight
+                    .get_or_create(&l)
+                    .set(b.in_flight() as i64);
+                self.backend_healthy
+                    .get_or_create(&l)
+                    .set(i64::from(b.is_healthy()));
+                self.backend_requests
+                    .get_or_create(&l)
+                    .set(b.requests() as i64);
+            }
+        }
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            out = format!("# encoding failed: {e}\n");
+        }
+        out
+    }
+}
+
+/// "2xx".."5xx" (or "0xx" when the client left before a response head).
+pub fn status_class(status: u16) -> String {
+    format!("{}xx", status / 100)
+}
+
+/// Counts SSE events in relayed frames without copying or parsing them: an event ends at a
+/// blank line, i.e. "\n\n" (also across a frame boundary).
+#[derive(Debug, Default)]
+pub struct SseScan {
+    pub events: u64,
+    last_byte_newline: bool,
+}
+
+impl SseScan {
+    /// Events completed by this frame.
+    pub fn scan(&mut self, data: &[u8]) -> u64 {
+        let mut n = 0;
+        if self.last_byte_newline && data.first() == Some(&b'\n') {
+            n += 1;
+        }
+        n += memchr::memmem::find_iter(data, b"\n\n").count() as u64;
+        if let Some(&last) = data.last() {
+            // "\n\n\n" at the boundary must not count twice: only a lone trailing '\n'
+            // can pair with the next frame's first byte.
+            self.last_byte_newline = last == b'\n' && !data.ends_with(b"\n\n");
+        }
+        self.events += n;
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_scan_counts_events_across_frames() {
+        let mut s = SseScan::default();
+        assert_eq!(s.scan(b"data: a\n\n"), 1);
+        assert_eq!(s.scan(b"data: b\n\ndata: c\n\n"), 2);
+        assert_eq!(s.scan(b"data: d\n"), 0);
+        assert_eq!(s.scan(b"\ndata: e"), 1);
+        assert_eq!(s.scan(b"\n\n"), 1);
+        assert_eq!(s.scan(b": comment\n\n"), 1);
+        assert_eq!(s.events, 6);
+    }
+
+    #[test]
+    fn render_has_the_families_and_backend_gauges() {
+        let m = Metrics::new();
+        m.requests
+            .get_or_create(&RequestLabels {
+                listener: "inference".into(),
+                route: "/".into(),
+                status: status_class(200),
+            })
+            .inc();
+        m.poc_rewritten.inc();
+        m.sse_gap
+            .get_or_create(&UpstreamLabel {
+                upstream: "vllm".into(),
+            })
+            .observe(0.004);
+        let text = m.render(&[]);
+        assert!(
+            text.contains(
+                "podproxy_requests_total{listener=\"inference\",route=\"/\",status=\"2xx\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("podproxy_poc_callback_rewritten_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE podproxy_sse_event_gap_seconds histogram"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,95 @@
+//! What a config becomes when it serves: upstream pools, the PoC guard, one context per
+//! listener. Built whole, and fallibly, before it replaces the running one — so a reload
+//! with a bad certificate or an unbuildable upstream changes nothing.
+
+use crate::config::Config;
+use crate::forward::ListenerCtx;
+use crate::gate::Gate;
+use crate::metrics::Metrics;
+use crate::poc::Poc;
+use crate::route::RouteTable;
+use crate::upstream::Upstream;
+use std::sync::Arc;
+use tokio_rustls::TlsAcceptor;
+
+pub struct Runtime {
+    pub config: Config,
+    pub upstreams: Vec<Arc<Upstream>>,
+    /// In the order of `config.listeners`.
+    pub listeners: Vec<Arc<ListenerCtx>>,
+}
+
+impl Runtime {
+    /// Builds the runtime for `config`. Upstreams whose settings did not change are taken
+    /// over from `previous` (pool, health state and in-flight counts carry on).
+    pub fn build(
+        config: Config,
+        metrics: &Arc<Metrics>,
+        previous: Option<&Runtime>,
+    ) -> Result<Runtime, String> {
+        let mut upstreams = Vec::new();
+        for u in &config.upstreams {
+            let same = previous.and_then(|p| {
+                p.upstreams
+                    .iter()
+                    .find(|o| o.name.as_ref() == u.name && same_settings(&o.cfg, u))
+            });
+            upstreams.push(match same {
+                Some(o) => o.clone(),
+                None => Arc::new(Upstream::new(u.clone())?),
+            });
+        }
+        let poc = Arc::new(Poc::with_counters(
+            config.poc.clone(),
+            metrics.poc_rewritten.clone(),
+            metrics.poc_refused.clone(),
+        ));
+        let mut listeners = Vec::new();
+        for l in &config.listeners {
+            let err = |e: String| format!("listener {}: {e}", l.name);
+            let tls = match &l.tls {
+                Some(t) => Some(TlsAcceptor::from(
+                    crate::tls::server_config(t).map_err(err)?,
+                )),
+                None => None,
+            };
+            listeners.push(Arc::new(ListenerCtx {
+                name: l.name.as_str().into(),
+                routes: RouteTable::new(l, |n| config.upstream_index(n)),
+                upstreams: upstreams.clone(),
+                proto: if tls.is_some() { "https" } else { "http" },
+                tls,
+                header_timeout: l.header_timeout,
+                poc: poc.clone(),
+                gate: Gate::new(&l.gate).map_err(err)?,
+                metrics: metrics.clone(),
+            }));
+        }
+        Ok(Runtime {
+            config,
+            upstreams,
+            listeners,
+        })
+    }
+
+    /// Upstreams that some route uses and that have no backend in rotation.
+    pub fn not_ready(&self) -> Vec<String> {
+        self.upstreams
+            .iter()
+            .filter(|u| {
+                self.config
+                    .listeners
+                    .iter()
+                    .any(|l| l.routes.iter().any(|r| r.upstream == *u.name))
+            })
+            .filter(|u| !u.is_ready())
+            .map(|u| u.name.to_string())
+            .collect()
+    }
+}
+
+fn same_settings(a: &crate::config::UpstreamConfig, b: &crate::config::UpstreamConfig) -> bool {
+    // The serialised form covers every setting (durations, backends). TLS upstreams are
+    // always rebuilt so a reload picks up rotated certificate files under the same paths.
+    a.tls.is_none() && toml::to_string(a).ok() == toml::to_string(b).ok()
+}
