@@ -140,18 +140,54 @@ fn parse_hex32(hex: &str) -> Result<[u8; 32], String> {
     Ok(out)
 }
 
-fn bad_cert() -> rustls::Error {
-    rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure)
-}
-
-/// Client-certificate verifier for `client_auth = "pin"`.
+/// The pinning verifier, for both sides: client certificates on a listener with
+/// `client_auth = "pin"`, and server certificates of pinned upstreams (the Network Node's
+/// callback port in Gonka's mTLS mode). Host names and validity dates are not checked: the
+/// pin is the identity. Handshake signatures are verified as usual, which proves the peer
+/// holds the pinned certificate's key.
 #[derive(Debug)]
-struct PinnedClients {
+struct Pinned {
     pins: Pins,
     provider: Arc<CryptoProvider>,
 }
 
-impl ClientCertVerifier for PinnedClients {
+impl Pinned {
+    fn check(&self, cert: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+        if self.pins.matches(cert) {
+            Ok(())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn tls12(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(m, c, d, &self.provider.signature_verification_algorithms)
+    }
+
+    fn tls13(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(m, c, d, &self.provider.signature_verification_algorithms)
+    }
+
+    fn schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+impl ClientCertVerifier for Pinned {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         &[]
     }
@@ -162,57 +198,34 @@ impl ClientCertVerifier for PinnedClients {
         _intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        if self.pins.matches(end_entity) {
-            Ok(ClientCertVerified::assertion())
-        } else {
-            Err(bad_cert())
-        }
+        self.check(end_entity)
+            .map(|()| ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
         &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.tls12(m, c, d)
     }
 
     fn verify_tls13_signature(
         &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.tls13(m, c, d)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.schemes()
     }
 }
 
-/// Server-certificate verifier for pinned upstreams (the Network Node's callback port in
-/// Gonka's mTLS mode). The host name is not checked: the pin is the identity.
-#[derive(Debug)]
-struct PinnedServer {
-    pins: Pins,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for PinnedServer {
+impl ServerCertVerifier for Pinned {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -221,45 +234,30 @@ impl ServerCertVerifier for PinnedServer {
         _ocsp: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if self.pins.matches(end_entity) {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(bad_cert())
-        }
+        self.check(end_entity)
+            .map(|()| ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
         &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.tls12(m, c, d)
     }
 
     fn verify_tls13_signature(
         &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.tls13(m, c, d)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.schemes()
     }
 }
 
@@ -306,7 +304,7 @@ pub fn server_config(t: &ListenerTls) -> Result<Arc<ServerConfig>, String> {
                     .map_err(|e| format!("client_ca: {e}"))?;
             builder.with_client_cert_verifier(verifier)
         }
-        ClientAuth::Pin => builder.with_client_cert_verifier(Arc::new(PinnedClients {
+        ClientAuth::Pin => builder.with_client_cert_verifier(Arc::new(Pinned {
             pins: Pins::load(&t.client_pins)?,
             provider: provider.clone(),
         })),
@@ -346,7 +344,7 @@ pub fn client_config(t: &UpstreamTls) -> Result<ClientConfig, String> {
     let builder = if !t.pins.is_empty() {
         builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedServer {
+            .with_custom_certificate_verifier(Arc::new(Pinned {
                 pins: Pins::load(&t.pins)?,
                 provider: provider.clone(),
             }))
