@@ -44,6 +44,36 @@ urls = re.findall(r'"http://([^:/"]+):\d+"', out.stdout)
 if not urls or any(h != mlnode_name for h in urls):
     fail(f"upstreams must point at {mlnode_name}, got {urls}")
 
+# The mTLS overlay: it runs the mounted gonka-mtls config, which podproxy accepts with the
+# certificates where the overlay mounts them (made here by openssl exactly as Gonka does).
+overlay = yaml.safe_load(open(os.path.join(root, "config/docker-compose.mlnode.mtls.yml")))["services"]["inference"]
+ocmd = overlay["command"]
+omounts = {v.split(":")[1]: v.split(":")[0] for v in overlay["volumes"]}
+if ocmd[:2] != ["run", "--config"] or ocmd[2] not in omounts:
+    fail(f"overlay command {ocmd} must run a mounted config")
+oenv = dict(e.split("=", 1) for e in overlay["environment"])
+if oenv.get("CERT_DIR") not in omounts:
+    fail("overlay CERT_DIR must be the mounted certificate folder")
+import tempfile
+with tempfile.TemporaryDirectory() as certs:
+    for name in ("dapi", "mlnode"):
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                        "-nodes", "-days", "36500", "-subj", f"/CN=gonka-{name}",
+                        "-addext", "subjectAltName=DNS:api,DNS:localhost,IP:127.0.0.1",
+                        "-addext", "basicConstraints=critical,CA:TRUE",
+                        "-addext", "keyUsage=critical,digitalSignature,keyCertSign",
+                        "-addext", "extendedKeyUsage=serverAuth,clientAuth",
+                        "-keyout", f"{certs}/{name}.key", "-out", f"{certs}/{name}.crt"],
+                       check=True, capture_output=True)
+    mtls_env = dict(os.environ, **{k: v for k, v in oenv.items() if not v.startswith("$")})
+    mtls_env.update(CERT_DIR=certs, NETWORK_NODE="203.0.113.7")
+    mtls_cfg = os.path.join(root, "config/examples/gonka-mtls.toml")
+    out = subprocess.run([binary, "check", "--config", mtls_cfg], capture_output=True, text=True, env=mtls_env)
+    if out.returncode != 0:
+        fail(f"podproxy check {mtls_cfg} with the overlay's environment: {out.stderr}")
+    if 'client_auth = "pin"' not in out.stdout or "mlnode-308" not in out.stdout:
+        fail("the overlay's config must pin client certificates and reach mlnode-308")
+
 # The systemd unit: systemd's own verifier, with the binary where the unit expects it.
 unit = open(os.path.join(root, "config/podproxy.service")).read()
 if "DynamicUser=yes" not in unit or "NoNewPrivileges=yes" not in unit or "ProtectSystem=strict" not in unit:
@@ -58,4 +88,4 @@ if subprocess.run(["which", "systemd-analyze"], capture_output=True).returncode 
         v = subprocess.run(["systemd-analyze", "verify", path], capture_output=True, text=True)
         if v.returncode != 0 or v.stderr.strip():
             fail(f"systemd-analyze verify: {v.stderr}")
-print("deploy check: compose service, mounted config, ports, upstream names and systemd unit agree")
+print("deploy check: compose service and mTLS overlay, mounted configs, ports, upstream names and systemd unit agree")
