@@ -27,6 +27,12 @@ pub async fn serve(
     stop: watch::Receiver<bool>,
 ) {
     let header_timeout = ctx.header_timeout;
+    // On a TLS listener a refused source gets no handshake at all (plain listeners answer
+    // 403 in `forward`, where the client can read it).
+    if ctx.tls.is_some() && ctx.gate.check_source(peer.ip()).is_err() {
+        tracing::debug!(listener = &*ctx.name, %peer, "source not allowed; closing before the TLS handshake");
+        return;
+    }
     match ctx.tls.clone() {
         None => serve_connection(stream, peer, ctx, header_timeout, None, stop).await,
         Some(acceptor) => serve_tls(acceptor, stream, peer, ctx, header_timeout, stop).await,

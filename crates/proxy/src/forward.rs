@@ -1,6 +1,7 @@
-//! One request's way, top to bottom: match route → prepare headers → pick backend → send →
-//! relay response → (log, when the body is over). Errors from any step become one JSON
-//! response through `ProxyError::to_response`.
+//! One request's way, top to bottom: source check → match route → gate (blocked paths,
+//! token) → headers → (PoC body check) → pick backend → send (retry on connect failure) →
+//! relay response → (log and metrics, when the body is over). Errors from any step become
+//! one JSON response through `ProxyError::to_response`.
 
 use crate::access_log::{CountIn, Exchange};
 use crate::body::{Relay, Replayable};
@@ -35,7 +36,7 @@ pub struct ListenerCtx {
     pub metrics: Arc<Metrics>,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// Slowloris guard for this listener's connections.
-    pub header_timeout: std::time::Duration,
+    pub header_timeout: Duration,
 }
 
 /// Serves one request. Never fails: errors are responses. Dropping this future (client gone

@@ -4,7 +4,7 @@
 
 use crate::config::GateConfig;
 use crate::error::ProxyError;
-use crate::route::normalize_for_match;
+use crate::route::{normalize_for_match, normalize_keep_dot_dot};
 use http::{header, HeaderMap};
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
@@ -91,12 +91,17 @@ impl Gate {
             return Ok(());
         }
         let path = normalize_for_match(upstream_path);
-        if self.block.iter().any(|b| segment_prefix(&path, b)) {
+        let undotted = normalize_keep_dot_dot(upstream_path);
+        if self
+            .block
+            .iter()
+            .any(|b| segment_prefix(&path, b) || segment_prefix(&undotted, b))
+        {
             return Err(ProxyError::Forbidden(
                 "this path is blocked on this listener".into(),
             ));
         }
-        if self.tokens.is_empty() || self.exempt.contains(&path) {
+        if self.tokens.is_empty() {
             return Ok(());
         }
         let presented = headers
@@ -106,7 +111,10 @@ impl Gate {
             .filter_map(bearer)
             .any(|t| self.accepts(t));
         if presented {
+            // Our token never travels further, exempt path or not.
             headers.remove(header::AUTHORIZATION);
+            Ok(())
+        } else if self.exempt.contains(&path) {
             Ok(())
         } else {
             Err(ProxyError::Unauthorized)
@@ -197,8 +205,11 @@ mod tests {
             g.check_request("/x", &mut HeaderMap::new()),
             Err(ProxyError::Unauthorized)
         ));
-        // exempt exactly, also when encoded; no prefix tricks
+        // exempt exactly, also when encoded; no prefix tricks; our token stripped there too
         assert!(g.check_request("/health", &mut HeaderMap::new()).is_ok());
+        let mut h = auth("Bearer new-token-0123456789");
+        assert!(g.check_request("/health", &mut h).is_ok());
+        assert!(h.get(header::AUTHORIZATION).is_none());
         assert!(g.check_request("/%68ealth", &mut HeaderMap::new()).is_ok());
         assert!(g
             .check_request("/health/../api/v1/stop", &mut HeaderMap::new())
@@ -225,6 +236,11 @@ mod tests {
                 "{p}"
             );
         }
+        assert!(
+            g.check_request("/api/v1/train/../x", &mut HeaderMap::new())
+                .is_err(),
+            "uvicorn keeps '..'"
+        );
         for p in ["/api/v1/training", "/api/v1/state", "/"] {
             assert!(g.check_request(p, &mut HeaderMap::new()).is_ok(), "{p}");
         }

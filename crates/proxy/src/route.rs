@@ -88,12 +88,23 @@ pub fn split_query(target: &str) -> (&str, &str) {
 /// paths), never to forward: `/api/v1/pow/init/%67enerate` must not slip past a check
 /// that uvicorn's decoding would then route to `/api/v1/pow/init/generate`.
 pub fn normalize_for_match(path: &str) -> String {
+    normalize(path, true)
+}
+
+/// Like `normalize_for_match` but keeps `..` segments: a server that does not resolve
+/// them (uvicorn does not) routes `/a/train/../x` under `/a/train/`, so a block rule must
+/// look at both forms.
+pub fn normalize_keep_dot_dot(path: &str) -> String {
+    normalize(path, false)
+}
+
+fn normalize(path: &str, resolve_dot_dot: bool) -> String {
     let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
     let mut segments: Vec<&str> = Vec::new();
     for seg in decoded.split('/') {
         match seg {
             "" | "." => {}
-            ".." => {
+            ".." if resolve_dot_dot => {
                 segments.pop();
             }
             s => segments.push(s),

@@ -455,7 +455,36 @@ fn validate_listener_tls(
     t: file::ListenerTlsSection,
 ) -> Result<crate::tls::ListenerTls, ConfigError> {
     use crate::tls::ClientAuth;
-    let client_auth = t.client_auth.unwrap_or(ClientAuth::None);
+    // Pins or CAs without a mode mean that mode; lists that the mode would ignore are an
+    // error, never a listener silently open to anonymous clients.
+    let client_auth = match (
+        t.client_auth,
+        t.client_pins.is_empty(),
+        t.client_ca.is_empty(),
+    ) {
+        (Some(mode), _, _) => mode,
+        (None, false, true) => ClientAuth::Pin,
+        (None, true, false) => ClientAuth::Ca,
+        (None, true, true) => ClientAuth::None,
+        (None, false, false) => {
+            return Err(invalid(
+                format!("{key}.tls"),
+                "client_pins and client_ca both given: set client_auth to \"pin\" or \"ca\"",
+            ))
+        }
+    };
+    let ignored = match client_auth {
+        ClientAuth::None => (!t.client_pins.is_empty() || !t.client_ca.is_empty())
+            .then_some("client_pins/client_ca"),
+        ClientAuth::Pin => (!t.client_ca.is_empty()).then_some("client_ca"),
+        ClientAuth::Ca => (!t.client_pins.is_empty()).then_some("client_pins"),
+    };
+    if let Some(what) = ignored {
+        return Err(invalid(
+            format!("{key}.tls.{}", what.split('/').next().unwrap_or(what)),
+            format!("{what} given but client_auth = {client_auth:?} would ignore it"),
+        ));
+    }
     match client_auth {
         ClientAuth::Ca if t.client_ca.is_empty() => {
             return Err(invalid(
