@@ -25,7 +25,8 @@ impl Proxy {
     pub async fn start(toml: &str) -> Proxy {
         let config = proxy::Config::from_toml(toml)
             .unwrap_or_else(|e| panic!("bad test config: {e}\n{toml}"));
-        proxy::logging::init(proxy::config::LogFormat::Text, "warn");
+        // Quiet unless RUST_LOG asks: failures are reported by the assertions.
+        proxy::logging::init(proxy::config::LogFormat::Text, "off");
         let server = proxy::Server::bind(&config).await.expect("bind");
         let addrs = config
             .listeners
