@@ -156,33 +156,18 @@ impl Body for Relay {
                 idle.reset();
             }
         }
-        let stream = match &mut this.source {
-            Source::Full(bytes) => Some(Err(bytes.take())),
-            Source::Stream(body) => Some(Ok(body)),
+        let polled = match &mut this.source {
+            Source::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Source::Stream(body) => poll_stream(body, &mut this.idle, cx),
             Source::Slot { slot, taken } => {
                 if taken.is_none() {
                     *taken = slot.lock().ok().and_then(|mut s| s.take());
-                    if taken.is_none() {
-                        return Poll::Ready(Some(Err(BodyError::AlreadyTaken)));
-                    }
                 }
-                taken.as_mut().map(Ok)
+                match taken {
+                    Some(body) => poll_stream(body, &mut this.idle, cx),
+                    None => Poll::Ready(Some(Err(BodyError::AlreadyTaken))),
+                }
             }
-        };
-        let polled = match stream {
-            None => Poll::Ready(None),
-            Some(Err(bytes)) => Poll::Ready(bytes.map(|b| Ok(Frame::data(b)))),
-            Some(Ok(body)) => match Pin::new(body).poll_frame(cx) {
-                Poll::Ready(r) => Poll::Ready(r.map(|r| r.map_err(BodyError::from))),
-                Poll::Pending => {
-                    if let Some(idle) = &mut this.idle {
-                        ready!(idle.timer.as_mut().poll(cx));
-                        Poll::Ready(Some(Err(BodyError::IdleTimeout(idle.limit))))
-                    } else {
-                        Poll::Pending
-                    }
-                }
-            },
         };
         let out = ready!(polled);
         match &out {
@@ -223,6 +208,25 @@ impl Body for Relay {
                 .and_then(|s| s.as_ref().map(Body::size_hint))
                 .unwrap_or_default(),
         }
+    }
+}
+
+/// Polls a streamed source; when it has nothing yet, the idle timer decides whether waiting
+/// has lasted too long.
+fn poll_stream(
+    body: &mut Incoming,
+    idle: &mut Option<Idle>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    match Pin::new(body).poll_frame(cx) {
+        Poll::Ready(r) => Poll::Ready(r.map(|r| r.map_err(BodyError::from))),
+        Poll::Pending => match idle {
+            Some(idle) => {
+                ready!(idle.timer.as_mut().poll(cx));
+                Poll::Ready(Some(Err(BodyError::IdleTimeout(idle.limit))))
+            }
+            None => Poll::Pending,
+        },
     }
 }
 
