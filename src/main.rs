@@ -106,6 +106,7 @@ fn check(path: Option<PathBuf>) -> ExitCode {
 async fn run(config: Config, source: proxy::server::ConfigSource) -> ExitCode {
     proxy::logging::init(config.server.log_format, &config.server.log_level);
     proxy::signals::raise_fd_limit();
+    proxy::signals::catch_hangup_early();
     let server = match proxy::Server::bind(&config).await {
         Ok(s) => s,
         Err(e) => {

@@ -202,15 +202,21 @@ impl Meter for Exchange {
     fn frame(&mut self, data: &Bytes) {
         self.bytes_out += data.len() as u64;
         if let Some(sse) = &mut self.sse {
-            if sse.scan.scan(data) > 0 {
+            let events = sse.scan.scan(data);
+            if events > 0 {
                 let now = Instant::now();
-                if let (Some(last), Some(up)) = (sse.last_event, &self.upstream) {
-                    self.metrics
-                        .sse_gap
-                        .get_or_create(&UpstreamLabel {
-                            upstream: up.to_string(),
-                        })
-                        .observe((now - last).as_secs_f64());
+                if let Some(up) = &self.upstream {
+                    let gap = self.metrics.sse_gap.get_or_create(&UpstreamLabel {
+                        upstream: up.to_string(),
+                    });
+                    // One gap per event: the first since the previous frame's last event;
+                    // the rest of a batched frame arrived together (gap 0).
+                    if let Some(last) = sse.last_event {
+                        gap.observe((now - last).as_secs_f64());
+                    }
+                    for _ in 1..events {
+                        gap.observe(0.0);
+                    }
                 }
                 sse.last_event = Some(now);
             }

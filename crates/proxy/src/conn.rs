@@ -3,6 +3,7 @@
 
 use crate::detect::{detect, Prefixed, Protocol};
 use crate::forward::{self, ListenerCtx};
+use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
@@ -18,14 +19,17 @@ use tokio::sync::watch;
 /// capped below what a node registers (`max_concurrent: 500`).
 const H2_MAX_STREAMS: u32 = 1024;
 
-/// Serves one accepted TCP connection with the listener context current at accept time
-/// (a reload never changes a connection mid-flight).
+/// Serves one accepted TCP connection. TLS and the header timeout come from the listener
+/// context at accept time; every request then takes the context current when it starts, so
+/// a reload reaches open keep-alive connections too (routes, tokens, allowlists), while a
+/// request or stream already running finishes on the context it started with.
 pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
-    ctx: Arc<ListenerCtx>,
+    current: Arc<ArcSwap<ListenerCtx>>,
     stop: watch::Receiver<bool>,
 ) {
+    let ctx = current.load_full();
     let header_timeout = ctx.header_timeout;
     // On a TLS listener a refused source gets no handshake at all (plain listeners answer
     // 403 in `forward`, where the client can read it).
@@ -34,8 +38,19 @@ pub async fn serve(
         return;
     }
     match ctx.tls.clone() {
-        None => serve_connection(stream, peer, ctx, header_timeout, None, stop).await,
-        Some(acceptor) => serve_tls(acceptor, stream, peer, ctx, header_timeout, stop).await,
+        None => serve_connection(stream, peer, current, header_timeout, None, stop).await,
+        Some(acceptor) => {
+            serve_tls(
+                acceptor,
+                stream,
+                peer,
+                &ctx.name,
+                current,
+                header_timeout,
+                stop,
+            )
+            .await
+        }
     }
 }
 
@@ -44,7 +59,8 @@ async fn serve_tls(
     acceptor: tokio_rustls::TlsAcceptor,
     stream: TcpStream,
     peer: SocketAddr,
-    ctx: Arc<ListenerCtx>,
+    listener: &str,
+    current: Arc<ArcSwap<ListenerCtx>>,
     header_timeout: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -55,11 +71,11 @@ async fn serve_tls(
     let tls = match handshake {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            tracing::info!(listener = &*ctx.name, %peer, "TLS handshake failed: {e}");
+            tracing::info!(listener, %peer, "TLS handshake failed: {e}");
             return;
         }
         Err(_) => {
-            tracing::info!(listener = &*ctx.name, %peer, "TLS handshake not completed within the header timeout");
+            tracing::info!(listener, %peer, "TLS handshake not completed within the header timeout");
             return;
         }
     };
@@ -67,7 +83,7 @@ async fn serve_tls(
     serve_connection(
         tls,
         peer,
-        ctx,
+        current,
         header_timeout,
         h2.then_some(Protocol::Http2),
         stop,
@@ -80,7 +96,7 @@ async fn serve_tls(
 async fn serve_connection<S>(
     mut stream: S,
     peer: SocketAddr,
-    ctx: Arc<ListenerCtx>,
+    current: Arc<ArcSwap<ListenerCtx>>,
     header_timeout: Duration,
     known: Option<Protocol>,
     mut stop: watch::Receiver<bool>,
@@ -113,7 +129,7 @@ async fn serve_connection<S>(
     let seen = seen_request.clone();
     let service = service_fn(move |req| {
         seen.store(true, Ordering::Relaxed);
-        let ctx = ctx.clone();
+        let ctx = current.load_full();
         async move { Ok::<_, Infallible>(forward::handle(ctx, peer, req).await) }
     });
     let result = match protocol {

@@ -40,6 +40,11 @@ pub struct BackendLabels {
     pub backend: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub kind: String,
+}
+
 type HistFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency() -> Histogram {
@@ -73,7 +78,7 @@ pub struct Metrics {
     pub poc_rewritten: Counter,
     pub poc_refused: Counter,
     pub callbacks_relayed: Family<ListenerLabel, Counter>,
-    pub reloads: Family<ErrorLabels, Counter>,
+    pub reloads: Family<ResultLabel, Counter>,
 }
 
 impl Default for Metrics {

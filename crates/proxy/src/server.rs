@@ -4,7 +4,7 @@
 
 use crate::config::{Config, ListenerConfig};
 use crate::forward::ListenerCtx;
-use crate::metrics::{ErrorLabels, Metrics};
+use crate::metrics::{Metrics, ResultLabel};
 use crate::runtime::Runtime;
 use crate::upstream::Upstream;
 use arc_swap::ArcSwap;
@@ -178,8 +178,7 @@ impl Server {
                 _ = &mut shutdown => break,
                 Some(reply) = self.reload_rx.recv() => {
                     let result = self.reload(&connections, &mut health);
-                    let label = ErrorLabels {
-                        upstream: String::new(),
+                    let label = ResultLabel {
                         kind: if result.is_ok() { "ok" } else { "rejected" }.into(),
                     };
                     self.shared.metrics.reloads.get_or_create(&label).inc();
@@ -384,7 +383,7 @@ async fn accept_loop(
             _ = crate::conn::stopped(&mut stop) => return,
         };
         let _ = stream.set_nodelay(true);
-        let ctx = ctx.load_full();
+        let ctx = ctx.clone();
         let stop = stop.clone();
         connections.spawn(async move {
             crate::conn::serve(stream, peer, ctx, stop).await;

@@ -37,6 +37,16 @@ pub fn raise_fd_limit() {
     }
 }
 
+/// Installs the SIGHUP handler now, so a SIGHUP that arrives while the server is still
+/// starting does not kill the process (tokio keeps a handler registered for the process
+/// lifetime). Call before binding.
+pub fn catch_hangup_early() {
+    #[cfg(unix)]
+    if let Err(e) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        tracing::warn!("cannot install the SIGHUP handler: {e}");
+    }
+}
+
 /// SIGHUP reloads the config (and no longer terminates the process, as it would by
 /// default). Runs until the server stops.
 pub async fn reload_on_hangup(reloader: crate::server::Reloader) {
