@@ -376,7 +376,7 @@ struct Live {
 
 impl Live {
     async fn start(name: &str, toml: &str) -> Live {
-        proxy::logging::init(proxy::config::LogFormat::Text, "warn");
+        proxy::logging::init(proxy::config::LogFormat::Text, "off");
         let dir = scratch_dir(name);
         let path = dir.join("podproxy.toml");
         std::fs::write(&path, toml).unwrap();
