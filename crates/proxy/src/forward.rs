@@ -102,7 +102,7 @@ async fn forward(
     let (mut parts, body) = req.into_parts();
     ctx.gate
         .check_request(path_and_query.path(), &mut parts.headers)?;
-    prepare_request_headers(&mut parts, peer, ctx.proto);
+    prepare_request_headers(&mut parts, peer, ctx.proto)?;
     let idle = upstream.cfg.idle_timeout;
     let body = if poc_body {
         let bytes = ctx
@@ -207,9 +207,23 @@ fn prepare_request_headers(
     parts: &mut http::request::Parts,
     peer: SocketAddr,
     proto: &'static str,
-) {
-    if !parts.headers.contains_key(header::HOST) {
-        if let Some(auth) = parts.uri.authority() {
+) -> Result<(), ProxyError> {
+    // RFC 9112 §3.2: an HTTP/1.1 request needs exactly one Host; two are ambiguous (which
+    // one did the client mean, which one will the upstream use?).
+    let hosts = parts.headers.get_all(header::HOST).iter().count();
+    if hosts > 1 {
+        return Err(ProxyError::BadRequest("more than one Host header".into()));
+    }
+    let h1 = parts.version <= Version::HTTP_11;
+    if hosts == 0 && parts.version == Version::HTTP_11 {
+        return Err(ProxyError::BadRequest(
+            "HTTP/1.1 request without Host".into(),
+        ));
+    }
+    // An absolute-form target's authority wins over Host (RFC 9112 §3.2.2); an HTTP/2
+    // client's `:authority` becomes Host for the HTTP/1.1 hop.
+    if let Some(auth) = parts.uri.authority() {
+        if h1 || hosts == 0 {
             if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
                 parts.headers.insert(header::HOST, v);
             }
@@ -220,4 +234,5 @@ fn prepare_request_headers(
     // the body straight away.
     parts.headers.remove(header::EXPECT);
     headers::set_forwarded(&mut parts.headers, peer.ip(), proto);
+    Ok(())
 }

@@ -162,15 +162,20 @@ impl Upstream {
                 // failed health observation, so `health.failures` of them in a row eject the
                 // backend while a single lost race does not. A failing client body (upload
                 // aborted) is not the backend's fault at all.
-                if !caused_by_request_body(&e) {
-                    let h = &self.cfg.health;
-                    backend.health_result(
-                        upstream,
-                        Err(format!("failed before responding: {detail}")),
-                        h.failures,
-                        h.successes,
-                    );
+                if caused_by_request_body(&e) {
+                    // The client's body was malformed (bad chunk framing), stalled past the
+                    // idle timeout, or was cut off: the client's fault, not the backend's.
+                    return Err(ProxyError::BadRequest(format!(
+                        "the request body could not be read: {detail}"
+                    )));
                 }
+                let h = &self.cfg.health;
+                backend.health_result(
+                    upstream,
+                    Err(format!("failed before responding: {detail}")),
+                    h.failures,
+                    h.successes,
+                );
                 Err(ProxyError::UpstreamBroken {
                     upstream: upstream.to_string(),
                     backend: backend.label.to_string(),
