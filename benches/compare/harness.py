@@ -1,0 +1,630 @@
+#!/usr/bin/env python3
+"""podproxy vs direct / nginx (Gonka stock) / nginx (tuned) / haproxy, one interleaved run.
+
+Called by benches/compare/run.sh (which checks prerequisites and builds). Every target is
+started fresh for every (workload, target) pair, on a free loopback port, with configs, pid
+files and logs in a temp dir; the peak RSS figures are VmHWM of that fresh process (summed
+over nginx master + workers). Everything is bounded in time; every process started here is
+killed on exit (also on SIGINT/SIGTERM).
+"""
+import json, os, signal, socket, statistics, subprocess, sys, tempfile, time, shutil, re
+
+QUICK = os.environ.get("QUICK", "") not in ("", "0")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+OUT = os.path.join(ROOT, "benches", "compare")
+PODPROXY = os.environ["PODPROXY_BIN"]
+SIM = os.environ["SIM_BIN"]
+SSELOAD = os.environ["SSELOAD_BIN"]
+TARGETS = os.environ.get("TARGETS", "direct,podproxy,nginx-gonka,nginx-tuned,haproxy").split(",")
+
+SMALL_S = 3 if QUICK else 10
+SSE_ROUNDS = 1 if QUICK else 3
+SSE_STREAMS, SSE_TOKENS, SSE_INTERVAL = 200, 64, 5
+IDLE_STREAMS, IDLE_INTERVAL = 2000, 500
+IDLE_TOKENS = 6 if QUICK else 40           # 3 s / 20 s per stream
+LARGE = (256 << 20) if QUICK else (1 << 30)
+
+work = tempfile.mkdtemp(prefix="podproxy-compare-")
+children = []   # Popen objects, killed on exit
+
+
+def cleanup(*_):
+    for p in children:
+        try:
+            p.kill()
+        except Exception:
+            pass
+    for p in children:
+        try:
+            p.wait(timeout=5)
+        except Exception:
+            pass
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def on_signal(sig, _frame):
+    cleanup()
+    sys.exit(128 + sig)
+
+
+signal.signal(signal.SIGTERM, on_signal)
+signal.signal(signal.SIGINT, on_signal)
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def spawn(argv, name):
+    f = open(os.path.join(work, name + ".log"), "ab")
+    p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    children.append(p)
+    return p
+
+
+def stop(p):
+    try:
+        p.terminate()
+        p.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait(timeout=5)
+    if p in children:
+        children.remove(p)
+
+
+def proc_tree(pid):
+    """pid and its direct children (nginx workers)."""
+    pids = [pid]
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                st = f.read()
+            ppid = int(st[st.rfind(")") + 2:].split()[1])
+            if ppid == pid:
+                pids.append(int(d))
+        except Exception:
+            pass
+    return pids
+
+
+def status_kb(pid, key):
+    tot = 0
+    for q in proc_tree(pid):
+        try:
+            with open(f"/proc/{q}/status") as f:
+                for line in f:
+                    if line.startswith(key + ":"):
+                        tot += int(line.split()[1])
+        except Exception:
+            pass
+    return tot
+
+
+def http_get_once(port, path="/bench/small-response", timeout=0.5):
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        data = s.recv(4096)
+        return data.startswith(b"HTTP/1.1 200") or data.startswith(b"HTTP/1.0 200")
+    finally:
+        s.close()
+
+
+def wait_ready(port, limit_s=10.0):
+    """Polls every ~1 ms until a proxied GET returns 200; returns seconds waited or None."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit_s:
+        try:
+            if http_get_once(port):
+                return time.monotonic() - t0
+        except OSError:
+            pass
+        time.sleep(0.001)
+    return None
+
+
+# ---------------------------------------------------------------- targets
+class Sim:
+    def __init__(self):
+        self.vllm, self.echo = free_port(), free_port()
+        self.p = spawn([SIM, "--vllm", f"127.0.0.1:{self.vllm}", "--echo", f"127.0.0.1:{self.echo}",
+                        "--token-interval-ms", "5", "--tokens", "64"], "sim")
+        if wait_ready(self.echo) is None:
+            raise SystemExit("podproxy-sim did not start")
+
+
+HDRS = """proxy_set_header Host $host;
+            proxy_set_header X-Real-IP $remote_addr;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;"""
+
+
+def nginx_conf(d, port, sim, tuned):
+    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi", "logs"):
+        os.makedirs(os.path.join(d, sub), exist_ok=True)
+    common = f"""
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    client_max_body_size 0;   # harness: allow the 1 GiB upload (stock would answer 413)
+"""
+    if not tuned:
+        # Gonka deploy/join/nginx.conf semantics: everything default (1 worker,
+        # worker_connections 512, HTTP/1.0 upstream without keepalive, proxy_buffering on,
+        # proxy_request_buffering on), plain proxy_pass per location.
+        return f"""user root;
+pid {d}/nginx.pid;
+error_log {d}/logs/error.log warn;
+events {{}}
+http {{{common}
+    server {{
+        listen 127.0.0.1:{port};
+        location /v1/ {{
+            proxy_pass http://127.0.0.1:{sim.vllm};
+            {HDRS}
+        }}
+        location / {{
+            proxy_pass http://127.0.0.1:{sim.echo};
+            {HDRS}
+        }}
+    }}
+}}
+"""
+    loc = """proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 1h;
+            proxy_send_timeout 1h;"""
+    return f"""user root;
+worker_processes auto;
+worker_rlimit_nofile 16384;
+pid {d}/nginx.pid;
+error_log {d}/logs/error.log warn;
+events {{ worker_connections 8192; multi_accept on; }}
+http {{{common}
+    tcp_nodelay on;
+    keepalive_requests 1000000;
+    upstream vllm {{ server 127.0.0.1:{sim.vllm}; keepalive 512; }}
+    upstream echo {{ server 127.0.0.1:{sim.echo}; keepalive 512; }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location /v1/ {{
+            proxy_pass http://vllm;
+            {loc}
+            {HDRS}
+        }}
+        location / {{
+            proxy_pass http://echo;
+            {loc}
+            {HDRS}
+        }}
+    }}
+}}
+"""
+
+
+def haproxy_conf(d, port, sim):
+    return f"""global
+    maxconn 9000
+    nbthread 2
+    pidfile {d}/haproxy.pid
+    tune.bufsize 16384
+defaults
+    mode http
+    option http-keep-alive
+    option http-no-delay      # without it haproxy corks (MSG_MORE) and delivers SSE in bursts
+    option forwardfor
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+    timeout http-request 10s
+    maxconn 9000
+frontend fe
+    bind 127.0.0.1:{port} backlog 4096
+    use_backend vllm if {{ path_beg /v1/ }}
+    default_backend echo
+backend vllm
+    http-reuse always
+    server s1 127.0.0.1:{sim.vllm} maxconn 9000
+backend echo
+    http-reuse always
+    server s1 127.0.0.1:{sim.echo} maxconn 9000
+"""
+
+
+def podproxy_conf(port, sim):
+    # podproxy defaults, only ports and log level (access log lines are INFO; the other
+    # targets run with their access logs off too).
+    return f"""[server]
+log_level = "warn"
+[listeners.main]
+bind = "127.0.0.1:{port}"
+routes = [{{ prefix = "/v1/", upstream = "vllm" }}, {{ prefix = "/", upstream = "echo" }}]
+[upstreams.echo]
+urls = "http://127.0.0.1:{sim.echo}"
+[upstreams.vllm]
+urls = "http://127.0.0.1:{sim.vllm}"
+"""
+
+
+class Running:
+    def __init__(self, name, port, proc, cold_s, idle_kb, direct_ports=None):
+        self.name, self.port, self.proc, self.cold_s, self.idle_kb = name, port, proc, cold_s, idle_kb
+        self.direct_ports = direct_ports  # (vllm, echo) for "direct"
+
+    def addr(self, kind):
+        if self.direct_ports:
+            return self.direct_ports[0] if kind == "vllm" else self.direct_ports[1]
+        return self.port
+
+    def hwm_kb(self):
+        return None if self.proc is None else status_kb(self.proc.pid, "VmHWM")
+
+    def stop(self):
+        if self.proc is not None:
+            stop(self.proc)
+
+
+START_SEQ = [0]
+
+
+def start_target(name, sim):
+    if name == "direct":
+        return Running(name, None, None, None, None, (sim.vllm, sim.echo))
+    START_SEQ[0] += 1
+    d = os.path.join(work, f"{name}-{START_SEQ[0]}")
+    os.makedirs(d)
+    port = free_port()
+    if name == "podproxy":
+        cfg = os.path.join(d, "podproxy.toml")
+        open(cfg, "w").write(podproxy_conf(port, sim))
+        argv = [PODPROXY, "--config", cfg]
+    elif name in ("nginx-gonka", "nginx-tuned"):
+        cfg = os.path.join(d, "nginx.conf")
+        open(cfg, "w").write(nginx_conf(d, port, sim, name == "nginx-tuned"))
+        argv = ["nginx", "-p", d, "-c", cfg, "-g", "daemon off;"]
+    elif name == "haproxy":
+        cfg = os.path.join(d, "haproxy.cfg")
+        open(cfg, "w").write(haproxy_conf(d, port, sim))
+        argv = ["haproxy", "-db", "-f", cfg]
+    else:
+        raise SystemExit(f"unknown target {name}")
+    t0 = time.monotonic()
+    p = spawn(argv, f"{name}-{START_SEQ[0]}")
+    cold = None
+    while time.monotonic() - t0 < 10:
+        try:
+            if http_get_once(port):
+                cold = time.monotonic() - t0
+                break
+        except OSError:
+            pass
+        if p.poll() is not None:
+            break
+        time.sleep(0.001)
+    if cold is None:
+        log(f"!! {name} did not start; log:")
+        try:
+            log(open(os.path.join(work, f"{name}-{START_SEQ[0]}.log")).read()[-2000:])
+        except Exception:
+            pass
+        stop(p)
+        return None
+    time.sleep(0.3)  # let workers settle before reading idle RSS
+    return Running(name, port, p, cold, status_kb(p.pid, "VmRSS"))
+
+
+def run(argv, timeout):
+    """Runs a load generator (tracked, so a signal kills it too); bounded by timeout."""
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    children.append(p)
+    try:
+        out, err = p.communicate(timeout=timeout)
+        return out, err
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        return "", "timeout"
+    finally:
+        if p in children:
+            children.remove(p)
+
+
+# ---------------------------------------------------------------- workloads
+def w_small(t):
+    out, err = run(["wrk", "-t1", "-c64", f"-d{SMALL_S}s", "--latency",
+                    f"http://127.0.0.1:{t.addr('echo')}/bench/small-response"], SMALL_S + 30)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    def lat(p):
+        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not m:
+            return None
+        v = float(m.group(1))
+        return v / 1000 if m.group(2) == "us" else v * 1000 if m.group(2) == "s" else v
+    errs = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: (.*)", out)
+    return {"rps": float(rps.group(1)) if rps else None, "p50_ms": lat(50), "p99_ms": lat(99),
+            "non2xx": int(errs.group(1)) if errs else 0, "socket_errors": sock.group(1) if sock else None}
+
+
+def sseload(t, streams, tokens, interval, timeout):
+    out, err = run([SSELOAD, f"127.0.0.1:{t.addr('vllm')}", str(streams), str(tokens), str(interval),
+                    str(timeout)], timeout + 30)
+    try:
+        return json.loads(out)
+    except Exception:
+        return {"error": (err or out)[-500:]}
+
+
+def w_sse(t):
+    return sseload(t, SSE_STREAMS, SSE_TOKENS, SSE_INTERVAL, 30)
+
+
+def w_idle(t):
+    dur = IDLE_TOKENS * IDLE_INTERVAL / 1000
+    r = sseload(t, IDLE_STREAMS, IDLE_TOKENS, IDLE_INTERVAL, int(dur + 25))
+    r["peak_rss_kb"] = t.hwm_kb()
+    return r
+
+
+def curl_speed(argv, timeout):
+    out, err = run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{speed_download} %{speed_upload} %{time_total}",
+                    "--max-time", str(timeout)] + argv, timeout + 10)
+    try:
+        code, down, up, total = out.split()
+        return {"status": int(code), "down_Bps": float(down), "up_Bps": float(up), "time_s": float(total)}
+    except Exception:
+        return {"status": 0, "error": (err or out)[-300:]}
+
+
+def w_large(t, upload_file):
+    port = t.addr("echo")
+    d = curl_speed([f"http://127.0.0.1:{port}/bytes/{LARGE}"], 120)
+    dl = {"status": d.get("status"), "MBps": round(LARGE / d["time_s"] / 1e6, 1) if d.get("status") == 200 else None}
+    u = curl_speed(["-X", "POST", "-H", "Content-Type: application/octet-stream", "-H", "Expect:", "-T", upload_file,
+                    f"http://127.0.0.1:{port}/sink"], 120)
+    ul = {"status": u.get("status"), "MBps": round(LARGE / u["time_s"] / 1e6, 1) if u.get("status") == 200 else None}
+    return {"bytes": LARGE, "download": dl, "upload": ul, "peak_rss_kb": t.hwm_kb()}
+
+
+# ---------------------------------------------------------------- main
+def main():
+    sim = Sim()
+    upload_file = os.path.join(work, "upload.bin")
+    with open(upload_file, "wb") as f:
+        f.truncate(LARGE)  # sparse: no disk I/O on read
+    res = {"quick": QUICK, "targets": TARGETS, "params": {
+        "small": {"wrk_threads": 1, "connections": 64, "duration_s": SMALL_S, "response": "~29-byte JSON body"},
+        "sse": {"streams": SSE_STREAMS, "tokens": SSE_TOKENS, "interval_ms": SSE_INTERVAL, "rounds": SSE_ROUNDS},
+        "idle": {"streams": IDLE_STREAMS, "tokens": IDLE_TOKENS, "interval_ms": IDLE_INTERVAL},
+        "large": {"bytes": LARGE}},
+        "per_target": {n: {"cold_start_ms": [], "idle_rss_kb": []} for n in TARGETS}}
+    pt = res["per_target"]
+
+    def each(workload, fn, rounds=1):
+        for r in range(rounds):
+            for name in TARGETS:
+                t = start_target(name, sim)
+                if t is None:
+                    pt[name].setdefault(workload, []).append({"error": "did not start"})
+                    continue
+                if t.cold_s is not None:
+                    pt[name]["cold_start_ms"].append(round(t.cold_s * 1000, 2))
+                    pt[name]["idle_rss_kb"].append(t.idle_kb)
+                log(f"-- {workload} round {r + 1}/{rounds}: {name}")
+                try:
+                    v = fn(t)
+                finally:
+                    if workload != "idle" and t.proc is not None:
+                        v_hwm = t.hwm_kb()
+                    t.stop()
+                if workload != "idle" and isinstance(v, dict) and "peak_rss_kb" not in v and t.proc is not None:
+                    v["peak_rss_kb"] = v_hwm
+                log(f"   {json.dumps(v)[:400]}")
+                pt[name].setdefault(workload, []).append(v)
+                time.sleep(0.5)  # let TIME_WAIT / backend settle a little
+
+    each("small", w_small)
+    each("sse", w_sse, SSE_ROUNDS)
+    each("idle", w_idle)
+    each("large", lambda t: w_large(t, upload_file))
+    stop(sim.p)
+    summarize(res)
+
+
+def med(vals):
+    vals = [v for v in vals if isinstance(v, (int, float))]
+    return round(statistics.median(vals), 3) if vals else None
+
+
+def summarize(res):
+    S = {}
+    for name, d in res["per_target"].items():
+        sm = (d.get("small") or [{}])[0]
+        sse = d.get("sse") or []
+        idle = (d.get("idle") or [{}])[0]
+        lg = (d.get("large") or [{}])[0]
+        S[name] = {
+            "rps": sm.get("rps"), "p50_ms": sm.get("p50_ms"), "p99_ms": sm.get("p99_ms"),
+            "small_non2xx": sm.get("non2xx"),
+            "sse_p50_ms": med([x.get("lat_p50_us", 0) / 1000 for x in sse if "lat_p50_us" in x]),
+            "sse_p99_ms": med([x.get("lat_p99_us", 0) / 1000 for x in sse if "lat_p99_us" in x]),
+            "sse_max_ms": max([x["lat_max_us"] / 1000 for x in sse if "lat_max_us" in x] or [None]) if sse else None,
+            "sse_batched_reads": sum(x.get("multi_event_reads", 0) for x in sse),
+            "sse_max_events_per_read": max([x.get("max_events_per_read", 0) for x in sse] or [0]),
+            "sse_ok_streams": sum(x.get("ok", 0) for x in sse),
+            "sse_streams": sum(x.get("streams", 0) for x in sse),
+            "idle_ok_streams": idle.get("ok"), "idle_streams": idle.get("streams"),
+            "idle_errors": idle.get("errors"),
+            "idle_peak_rss_mb": round(idle["peak_rss_kb"] / 1024, 1) if idle.get("peak_rss_kb") else None,
+            "download_MBps": (lg.get("download") or {}).get("MBps"),
+            "upload_MBps": (lg.get("upload") or {}).get("MBps"),
+            "large_peak_rss_mb": round(lg["peak_rss_kb"] / 1024, 1) if lg.get("peak_rss_kb") else None,
+            "idle_rss_mb": round(med(d["idle_rss_kb"]) / 1024, 1) if med(d["idle_rss_kb"]) else None,
+            "cold_start_ms": med(d["cold_start_ms"]),
+        }
+    res["summary"] = S
+    ratios = {}
+    p = S.get("podproxy")
+    if p:
+        for peer in ("direct", "nginx-tuned", "nginx-gonka", "haproxy"):
+            q = S.get(peer)
+            if not q:
+                continue
+            r = {}
+            for k, v in p.items():
+                w = q.get(k)
+                if isinstance(v, (int, float)) and isinstance(w, (int, float)) and w:
+                    r[k] = round(v / w, 3)
+            ratios[f"podproxy/{peer}"] = r
+    res["ratios"] = ratios
+    res["checks"] = checks(S)
+    with open(os.path.join(OUT, "results.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    md = table(S, ratios, res["checks"], res)
+    print(md)
+    with open(os.path.join(OUT, "last-table.md"), "w") as f:
+        f.write(md)
+    chart(S)
+
+
+def checks(S):
+    p, tuned, hap, direct = S.get("podproxy", {}), S.get("nginx-tuned", {}), S.get("haproxy", {}), S.get("direct", {})
+    c = {}
+    def g(d, k):
+        return d.get(k) if isinstance(d.get(k), (int, float)) else None
+    if g(p, "rps") and g(tuned, "rps"):
+        c["small rps >= 1.2x nginx-tuned"] = p["rps"] >= 1.2 * tuned["rps"]
+    peers = [x for x in (g(tuned, "p99_ms"), g(hap, "p99_ms")) if x is not None]
+    if g(p, "p99_ms") is not None and peers:
+        c["small p99 <= best of nginx-tuned/haproxy"] = p["p99_ms"] <= min(peers)
+    if p.get("sse_streams"):
+        c["SSE zero batched reads"] = p["sse_batched_reads"] == 0
+    if g(p, "sse_p99_ms") is not None and g(tuned, "sse_p99_ms"):
+        c["SSE p99 <= 0.5x nginx-tuned"] = p["sse_p99_ms"] <= 0.5 * tuned["sse_p99_ms"]
+    if p.get("idle_streams"):
+        c["2000 slow streams all succeed"] = p["idle_ok_streams"] == p["idle_streams"]
+    if g(p, "idle_peak_rss_mb") and g(hap, "idle_peak_rss_mb"):
+        c["2000 streams peak RSS <= haproxy"] = p["idle_peak_rss_mb"] <= hap["idle_peak_rss_mb"]
+    for k in ("download_MBps", "upload_MBps"):
+        if g(p, k) and g(direct, k):
+            c[f"{k.split('_')[0]} >= 0.9x direct"] = p[k] >= 0.9 * direct[k]
+    if g(p, "idle_rss_mb"):
+        c["idle RSS < 10 MB"] = p["idle_rss_mb"] < 10
+    if g(p, "cold_start_ms"):
+        c["cold start < 50 ms"] = p["cold_start_ms"] < 50
+    return c
+
+
+def fmt(v, nd=1):
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:,.{nd}f}"
+    return str(v)
+
+
+def table(S, ratios, chk, res):
+    cols = [("req/s", "rps", 0), ("p50 ms", "p50_ms", 2), ("p99 ms", "p99_ms", 2),
+            ("SSE p50 ms", "sse_p50_ms", 2), ("SSE p99 ms", "sse_p99_ms", 2), ("SSE max ms", "sse_max_ms", 1),
+            ("batched reads", "sse_batched_reads", 0), ("max ev/read", "sse_max_events_per_read", 0),
+            ("SSE ok", None, 0), ("2k streams ok", None, 0), ("2k peak RSS MB", "idle_peak_rss_mb", 1),
+            ("down MB/s", "download_MBps", 0), ("up MB/s", "upload_MBps", 0), ("large peak RSS MB", "large_peak_rss_mb", 1),
+            ("idle RSS MB", "idle_rss_mb", 1), ("cold start ms", "cold_start_ms", 1)]
+    out = ["| target | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, s in S.items():
+        row = []
+        for title, k, nd in cols:
+            if title == "SSE ok":
+                row.append(f"{s['sse_ok_streams']}/{s['sse_streams']}")
+            elif title == "2k streams ok":
+                row.append(f"{fmt(s['idle_ok_streams'])}/{fmt(s['idle_streams'])}")
+            else:
+                row.append(fmt(s.get(k), nd))
+        out.append(f"| {name} | " + " | ".join(row) + " |")
+    out.append("")
+    out.append("Ratios (podproxy / peer; for latency and RSS lower is better):")
+    out.append("")
+    keys = ["rps", "p99_ms", "sse_p50_ms", "sse_p99_ms", "idle_peak_rss_mb", "download_MBps", "upload_MBps", "large_peak_rss_mb", "cold_start_ms"]
+    out.append("| ratio | " + " | ".join(keys) + " |")
+    out.append("|---" * (len(keys) + 1) + "|")
+    for rn, r in ratios.items():
+        out.append(f"| {rn} | " + " | ".join(fmt(r.get(k), 2) for k in keys) + " |")
+    out.append("")
+    out.append("Issue #8 targets (this run):")
+    out.append("")
+    for k, v in chk.items():
+        out.append(f"- {'MET ' if v else 'MISSED'} {k}")
+    p = res["params"]
+    out.append("")
+    out.append(f"Parameters: quick={res['quick']}; small: wrk -t1 -c64 {p['small']['duration_s']} s; "
+               f"SSE: {p['sse']['streams']} streams x {p['sse']['tokens']} events @ {p['sse']['interval_ms']} ms, "
+               f"{p['sse']['rounds']} round(s), median of rounds; slow streams: {p['idle']['streams']} x {p['idle']['tokens']} "
+               f"events @ {p['idle']['interval_ms']} ms; large: {p['large']['bytes'] >> 20} MiB.")
+    return "\n".join(out) + "\n"
+
+
+def chart(S):
+    names = list(S.keys())
+    colors = {"direct": "#888888", "podproxy": "#d9480f", "nginx-gonka": "#1c7ed6", "nginx-tuned": "#4dabf7", "haproxy": "#37b24d"}
+    W, H = 960, 420
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{W}" height="{H}" fill="white"/>']
+
+    def panel(x0, title, series, unit, log_scale=False):
+        pw, ph, top = 420, 300, 60
+        svg.append(f'<text x="{x0 + pw / 2}" y="30" text-anchor="middle" font-size="15" font-weight="bold">{title}</text>')
+        vals = [v for _, vs in series for v in vs if isinstance(v, (int, float))]
+        vmax = max(vals) if vals else 1
+        groups = len(series)
+        gw = pw / max(groups, 1)
+        nb = max(len(vs) for _, vs in series) if series else 1
+        bw = gw * 0.7 / nb
+        svg.append(f'<line x1="{x0}" y1="{top + ph}" x2="{x0 + pw}" y2="{top + ph}" stroke="black"/>')
+        import math
+        def hgt(v):
+            if log_scale:
+                lo = math.log10(max(min(vals), 1e-3)) - 0.3
+                return ph * (math.log10(max(v, 1e-3)) - lo) / (math.log10(vmax) - lo + 1e-9)
+            return ph * v / vmax
+        for i, (name, vs) in enumerate(series):
+            gx = x0 + i * gw + gw * 0.15
+            for j, v in enumerate(vs):
+                if not isinstance(v, (int, float)):
+                    continue
+                h = max(hgt(v), 1)
+                op = "1" if j == 0 else "0.55"
+                svg.append(f'<rect x="{gx + j * bw:.1f}" y="{top + ph - h:.1f}" width="{bw - 2:.1f}" height="{h:.1f}" fill="{colors.get(name, "#555")}" fill-opacity="{op}"/>')
+                svg.append(f'<text x="{gx + j * bw + bw / 2:.1f}" y="{top + ph - h - 4:.1f}" text-anchor="middle" font-size="10">{v:,.{0 if v >= 100 else 1 if v >= 1 else 2}f}</text>')
+            svg.append(f'<text x="{x0 + i * gw + gw / 2:.1f}" y="{top + ph + 16}" text-anchor="middle">{name}</text>')
+        svg.append(f'<text x="{x0}" y="{top - 8}" font-size="11" fill="#444">{unit}</text>')
+
+    panel(30, "Added SSE latency (p50 solid, p99 light)",
+          [(n, [S[n].get("sse_p50_ms"), S[n].get("sse_p99_ms")]) for n in names], "ms, log scale", log_scale=True)
+    panel(510, "Small requests: requests/s (higher is better)", [(n, [S[n].get("rps")]) for n in names], "req/s")
+    svg.append(f'<text x="{W / 2}" y="{H - 12}" text-anchor="middle" font-size="11" fill="#444">podproxy benches/compare, one interleaved run on one machine (see RESULTS.md)</text>')
+    svg.append("</svg>")
+    with open(os.path.join(OUT, "chart.svg"), "w") as f:
+        f.write("\n".join(svg))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        cleanup()
