@@ -11,7 +11,7 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use http::{HeaderMap, HeaderValue};
 use proxy::config::Config;
-use proxy::headers::{remove_hop_by_hop, set_forwarded};
+use proxy::headers::{client_ip_value, remove_hop_by_hop, set_forwarded};
 use proxy::metrics::SseScan;
 use proxy::poc::{Poc, PocConfig};
 use proxy::route::RouteTable;
@@ -74,13 +74,13 @@ fn route_and_headers(c: &mut Criterion) {
         });
     }
     let base = request_headers();
-    let client = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10));
+    let client = client_ip_value(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)));
     g.bench_function("remove_hop_by_hop + set_forwarded (12 headers)", |b| {
         b.iter_batched(
             || base.clone(),
             |mut h| {
                 remove_hop_by_hop(&mut h);
-                set_forwarded(&mut h, client, "http");
+                set_forwarded(&mut h, &client, "http");
                 h
             },
             BatchSize::SmallInput,
@@ -94,7 +94,7 @@ fn route_and_headers(c: &mut Criterion) {
                     .resolve("/v1/chat/completions")
                     .map(|m| m.path_and_query);
                 remove_hop_by_hop(&mut h);
-                set_forwarded(&mut h, client, "http");
+                set_forwarded(&mut h, &client, "http");
                 (m, h)
             },
             BatchSize::SmallInput,

@@ -16,6 +16,8 @@ PODPROXY = os.environ["PODPROXY_BIN"]
 SIM = os.environ["SIM_BIN"]
 SSELOAD = os.environ["SSELOAD_BIN"]
 TARGETS = os.environ.get("TARGETS", "direct,podproxy,nginx-gonka,nginx-tuned,haproxy").split(",")
+# WORKLOADS=small,sse runs a subset (for optimisation loops; the README table is a full run)
+WORKLOADS = os.environ.get("WORKLOADS", "small,sse,idle,large").split(",")
 
 SMALL_S = 3 if QUICK else 10
 SSE_ROUNDS = 1 if QUICK else 3
@@ -439,10 +441,14 @@ def main():
                 pt[name].setdefault(workload, []).append(v)
                 time.sleep(0.5)  # let TIME_WAIT / backend settle a little
 
-    each("small", w_small)
-    each("sse", w_sse, SSE_ROUNDS)
-    each("idle", w_idle)
-    each("large", lambda t: w_large(t, upload_file))
+    if "small" in WORKLOADS:
+        each("small", w_small)
+    if "sse" in WORKLOADS:
+        each("sse", w_sse, SSE_ROUNDS)
+    if "idle" in WORKLOADS:
+        each("idle", w_idle)
+    if "large" in WORKLOADS:
+        each("large", lambda t: w_large(t, upload_file))
     stop(sim.p)
     summarize(res)
 

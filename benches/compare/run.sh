@@ -5,6 +5,7 @@
 #   benches/compare/run.sh            # full run, about 6-10 minutes
 #   QUICK=1 benches/compare/run.sh    # under 2 minutes (shorter wrk, 1 SSE round, 256 MiB bodies)
 #   TARGETS=direct,podproxy QUICK=1 benches/compare/run.sh   # a subset
+#   WORKLOADS=small,sse TARGETS=podproxy,nginx-tuned QUICK=1 benches/compare/run.sh
 #
 # Needs nginx, haproxy, wrk, curl, python3 and rustc (installs nothing):
 #   apt-get update && apt-get install -y nginx haproxy wrk curl python3

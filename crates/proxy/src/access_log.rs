@@ -3,9 +3,7 @@
 //! in-flight guard here ties the slot's lifetime to the response body, not to the handler.
 
 use crate::body::{BodyError, Meter};
-use crate::metrics::{
-    status_class, ErrorLabels, ListenerLabel, Metrics, RequestLabels, SseScan, UpstreamLabel,
-};
+use crate::metrics::{ListenerSeries, SseScan, UpstreamSeries};
 use crate::upstream::backend::InFlight;
 use bytes::Bytes;
 use http::{HeaderValue, Method};
@@ -40,7 +38,8 @@ impl Outcome {
 pub struct Exchange {
     pub listener: Arc<str>,
     pub method: Method,
-    pub path: String,
+    /// The logged path; `None` when the access log is off (nothing to copy then).
+    pub path: Option<String>,
     pub request_id: HeaderValue,
     pub upstream: Option<Arc<str>>,
     pub backend: Option<Arc<str>>,
@@ -57,7 +56,9 @@ pub struct Exchange {
     pub route: Option<Arc<str>>,
     /// `kind` of podproxy's own error response, for the upstream-error counter.
     pub error_kind: Option<&'static str>,
-    pub metrics: Arc<Metrics>,
+    pub series: Arc<ListenerSeries>,
+    /// The upstream's series, once routed.
+    pub upstream_series: Option<Arc<UpstreamSeries>>,
     sse: Option<SseState>,
 }
 
@@ -73,10 +74,11 @@ impl Exchange {
         method: Method,
         path: &str,
         request_id: HeaderValue,
-        metrics: Arc<Metrics>,
+        series: Arc<ListenerSeries>,
     ) -> Self {
         // Only the path is logged: no query (it may carry secrets), bounded in length.
-        let path = path.chars().take(256).collect();
+        let path = tracing::enabled!(target: "podproxy::access", tracing::Level::INFO)
+            .then(|| path.chars().take(256).collect());
         Exchange {
             listener,
             method,
@@ -95,7 +97,8 @@ impl Exchange {
             slot: None,
             route: None,
             error_kind: None,
-            metrics,
+            series,
+            upstream_series: None,
             sse: None,
         }
     }
@@ -103,12 +106,7 @@ impl Exchange {
     /// The response is an SSE stream: count its events and gaps, and it is a stream in
     /// flight until the exchange ends.
     pub fn start_sse(&mut self) {
-        self.metrics
-            .streams_in_flight
-            .get_or_create(&ListenerLabel {
-                listener: self.listener.to_string(),
-            })
-            .inc();
+        self.series.streams_in_flight().inc();
         self.sse = Some(SseState {
             scan: SseScan::default(),
             last_event: None,
@@ -116,35 +114,17 @@ impl Exchange {
     }
 
     fn record_metrics(&self, outcome: Outcome) {
-        let m = &self.metrics;
-        let listener = ListenerLabel {
-            listener: self.listener.to_string(),
-        };
-        m.requests
-            .get_or_create(&RequestLabels {
-                listener: listener.listener.clone(),
-                route: self.route.as_deref().unwrap_or("-").to_string(),
-                status: status_class(self.status),
-            })
-            .inc();
-        m.duration
-            .get_or_create(&listener)
-            .observe(self.started.elapsed().as_secs_f64());
-        m.bytes_in
-            .get_or_create(&listener)
-            .inc_by(self.bytes_in.load(Ordering::Relaxed));
-        m.bytes_out.get_or_create(&listener).inc_by(self.bytes_out);
-        if let Some(up) = &self.upstream {
-            let upstream = UpstreamLabel {
-                upstream: up.to_string(),
-            };
+        let l = &self.series;
+        l.request(self.route.as_ref(), self.status);
+        l.duration().observe(self.started.elapsed().as_secs_f64());
+        l.bytes_in().inc_by(self.bytes_in.load(Ordering::Relaxed));
+        l.bytes_out().inc_by(self.bytes_out);
+        if let Some(up) = &self.upstream_series {
             if let Some(t) = self.ttfb {
-                m.ttfb.get_or_create(&upstream).observe(t.as_secs_f64());
+                up.ttfb().observe(t.as_secs_f64());
             }
             if let Some(sse) = &self.sse {
-                m.sse_events
-                    .get_or_create(&upstream)
-                    .observe(sse.scan.events as f64);
+                up.sse_events().observe(sse.scan.events as f64);
             }
             let kind = match (outcome, self.error_kind) {
                 (Outcome::Aborted, _) => Some("stream_aborted"),
@@ -152,16 +132,11 @@ impl Exchange {
                 _ => None,
             };
             if let Some(kind) = kind {
-                m.upstream_errors
-                    .get_or_create(&ErrorLabels {
-                        upstream: up.to_string(),
-                        kind: kind.to_string(),
-                    })
-                    .inc();
+                up.error(kind);
             }
         }
         if self.sse.is_some() {
-            m.streams_in_flight.get_or_create(&listener).dec();
+            l.streams_in_flight().dec();
         }
     }
 
@@ -175,7 +150,7 @@ impl Exchange {
                     target: "podproxy::access",
                     listener = &*self.listener,
                     method = self.method.as_str(),
-                    path = %self.path,
+                    path = self.path.as_deref().unwrap_or("-"),
                     status = self.status,
                     upstream = self.upstream.as_deref().unwrap_or("-"),
                     backend = self.backend.as_deref().unwrap_or("-"),
@@ -205,10 +180,8 @@ impl Meter for Exchange {
             let events = sse.scan.scan(data);
             if events > 0 {
                 let now = Instant::now();
-                if let Some(up) = &self.upstream {
-                    let gap = self.metrics.sse_gap.get_or_create(&UpstreamLabel {
-                        upstream: up.to_string(),
-                    });
+                if let Some(up) = &self.upstream_series {
+                    let gap = up.sse_gap();
                     // One gap per event: the first since the previous frame's last event;
                     // the rest of a batched frame arrived together (gap 0).
                     if let Some(last) = sse.last_event {

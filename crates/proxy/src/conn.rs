@@ -127,10 +127,12 @@ async fn serve_connection<S>(
     // silent HTTP/1 client.
     let seen_request = Arc::new(AtomicBool::new(false));
     let seen = seen_request.clone();
+    let client = forward::Peer::new(peer);
     let service = service_fn(move |req| {
         seen.store(true, Ordering::Relaxed);
         let ctx = current.load_full();
-        async move { Ok::<_, Infallible>(forward::handle(ctx, peer, req).await) }
+        let client = client.clone();
+        async move { Ok::<_, Infallible>(forward::handle(ctx, client, req).await) }
     });
     let result = match protocol {
         Protocol::Http1 => {

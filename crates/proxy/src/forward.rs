@@ -9,7 +9,7 @@ use crate::config::BackendAddr;
 use crate::error::ProxyError;
 use crate::gate::Gate;
 use crate::headers::{self, X_REQUEST_ID};
-use crate::metrics::{ListenerLabel, Metrics};
+use crate::metrics::{ListenerSeries, UpstreamSeries};
 use crate::poc::Poc;
 use crate::route::{split_query, RouteTable};
 use crate::upstream::Upstream;
@@ -33,17 +33,36 @@ pub struct ListenerCtx {
     pub proto: &'static str,
     pub poc: Arc<Poc>,
     pub gate: Gate,
-    pub metrics: Arc<Metrics>,
+    /// Metric series of this listener, and of each upstream (same order as `upstreams`).
+    pub series: Arc<ListenerSeries>,
+    pub upstream_series: Vec<Arc<UpstreamSeries>>,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// Slowloris guard for this listener's connections.
     pub header_timeout: Duration,
+}
+
+/// The client end of a connection, with its address already formatted for the forwarding
+/// headers (once per connection, not per request).
+#[derive(Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub ip_header: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Self {
+        Peer {
+            addr,
+            ip_header: headers::client_ip_value(addr.ip()),
+        }
+    }
 }
 
 /// Serves one request. Never fails: errors are responses. Dropping this future (client gone
 /// before the response head) drops the upstream call with it.
 pub async fn handle(
     ctx: Arc<ListenerCtx>,
-    peer: SocketAddr,
+    peer: Peer,
     mut req: Request<Incoming>,
 ) -> Response<Relay> {
     let request_id = headers::request_id(req.headers_mut());
@@ -52,17 +71,12 @@ pub async fn handle(
         req.method().clone(),
         req.uri().path(),
         request_id.clone(),
-        ctx.metrics.clone(),
+        ctx.series.clone(),
     );
     if req.method() == Method::POST && req.uri().path().contains("/poc-batches/") {
-        ctx.metrics
-            .callbacks_relayed
-            .get_or_create(&ListenerLabel {
-                listener: ctx.name.to_string(),
-            })
-            .inc();
+        ctx.series.callbacks_relayed().inc();
     }
-    let mut resp = match forward(&ctx, peer, req, &mut ex).await {
+    let mut resp = match forward(&ctx, &peer, req, &mut ex).await {
         Ok(resp) => resp,
         Err(e) => {
             ex.error = Some(e.to_string());
@@ -78,11 +92,11 @@ pub async fn handle(
 
 async fn forward(
     ctx: &ListenerCtx,
-    peer: SocketAddr,
+    peer: &Peer,
     req: Request<Incoming>,
     ex: &mut Exchange,
 ) -> Result<Response<Relay>, ProxyError> {
-    ctx.gate.check_source(peer.ip())?;
+    ctx.gate.check_source(peer.addr.ip())?;
     if req.method() == Method::CONNECT {
         return Err(ProxyError::BadRequest("CONNECT is not supported".into()));
     }
@@ -91,6 +105,7 @@ async fn forward(
     let matched = ctx.routes.resolve(target).ok_or(ProxyError::NoRoute)?;
     let upstream = &ctx.upstreams[matched.route.upstream];
     ex.upstream = Some(upstream.name.clone());
+    ex.upstream_series = ctx.upstream_series.get(matched.route.upstream).cloned();
     ex.route = Some(matched.route.label.clone());
     let poc_body = matched.route.poc
         && ctx
@@ -205,7 +220,7 @@ fn upstream_uri(addr: &BackendAddr, path_and_query: &uri::PathAndQuery) -> Resul
 /// an HTTP/2 client sends `:authority` instead, which becomes `Host` for the HTTP/1.1 hop.
 fn prepare_request_headers(
     parts: &mut http::request::Parts,
-    peer: SocketAddr,
+    peer: &Peer,
     proto: &'static str,
 ) -> Result<(), ProxyError> {
     // RFC 9112 §3.2: an HTTP/1.1 request needs exactly one Host; two are ambiguous (which
@@ -233,6 +248,6 @@ fn prepare_request_headers(
     // hyper already answered `Expect: 100-continue` towards the client; the upstream gets
     // the body straight away.
     parts.headers.remove(header::EXPECT);
-    headers::set_forwarded(&mut parts.headers, peer.ip(), proto);
+    headers::set_forwarded(&mut parts.headers, &peer.ip_header, proto);
     Ok(())
 }

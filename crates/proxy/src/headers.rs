@@ -13,40 +13,46 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 /// names, `Keep-Alive`, `TE`, `Transfer-Encoding`, `Upgrade`, `Trailer` and `Proxy-*`.
 /// Every value of a repeated header goes (`HeaderMap::remove` drops them all).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    // One scan over the names decides; most messages carry none of these, and then nothing
+    // is hashed or removed (the per-name removals were ~3% of a small request's cost).
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        if name == header::CONNECTION {
+            doomed.extend(
+                headers
+                    .get_all(header::CONNECTION)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .flat_map(|v| v.split(','))
+                    .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok()),
+            );
+        }
+        let hop = [
+            &header::CONNECTION,
+            &KEEP_ALIVE,
+            &header::TE,
+            &header::TRANSFER_ENCODING,
+            &header::UPGRADE,
+            &header::TRAILER,
+        ]
+        .contains(&name);
+        if hop || name.as_str().starts_with("proxy-") {
+            doomed.push(name.clone());
+        }
     }
-    for name in [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &header::TE,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-        &header::TRAILER,
-    ] {
-        headers.remove(name);
-    }
-    let proxy_headers: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with("proxy-"))
-        .cloned()
-        .collect();
-    for name in proxy_headers {
+    for name in doomed {
         headers.remove(name);
     }
 }
 
-/// Appends the client to `X-Forwarded-For` (all existing values kept, in order) and sets
-/// `X-Real-IP` and `X-Forwarded-Proto`, as Gonka's nginx does.
-pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static str) {
-    let ip = client.to_string();
+/// The client's address as a header value, formatted once per connection.
+pub fn client_ip_value(client: IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&client.to_string()).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+/// Appends the client (`client_ip_value`) to `X-Forwarded-For` (all existing values kept,
+/// in order) and sets `X-Real-IP` and `X-Forwarded-Proto`, as Gonka's nginx does.
+pub fn set_forwarded(headers: &mut HeaderMap, client: &HeaderValue, proto: &'static str) {
     let mut xff = String::new();
     for v in headers.get_all(&X_FORWARDED_FOR) {
         if let Ok(s) = v.to_str() {
@@ -56,13 +62,15 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static st
             }
         }
     }
-    xff.push_str(&ip);
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&ip) {
-        headers.insert(X_REAL_IP.clone(), v);
-    }
+    let xff = if xff.is_empty() {
+        // The usual case (the client is the first hop): no formatting, no copy.
+        client.clone()
+    } else {
+        xff.push_str(client.to_str().unwrap_or("-"));
+        HeaderValue::from_str(&xff).unwrap_or_else(|_| client.clone())
+    };
+    headers.insert(X_FORWARDED_FOR.clone(), xff);
+    headers.insert(X_REAL_IP.clone(), client.clone());
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
 }
 
@@ -129,13 +137,17 @@ mod tests {
             ("x-forwarded-for", "2.2.2.2"),
             ("x-real-ip", "9.9.9.9"),
         ]);
-        set_forwarded(&mut h, "10.0.0.1".parse().unwrap(), "http");
+        set_forwarded(
+            &mut h,
+            &client_ip_value("10.0.0.1".parse().unwrap()),
+            "http",
+        );
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.0.0.1");
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(h["x-real-ip"], "10.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         let mut h = HeaderMap::new();
-        set_forwarded(&mut h, "::1".parse().unwrap(), "https");
+        set_forwarded(&mut h, &client_ip_value("::1".parse().unwrap()), "https");
         assert_eq!(h["x-forwarded-for"], "::1");
     }
 

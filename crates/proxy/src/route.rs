@@ -52,6 +52,11 @@ impl RouteTable {
         }
     }
 
+    /// The routes, longest prefix first.
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
     /// Routes a raw `path?query` (origin-form request-target).
     pub fn resolve(&self, path_and_query: &str) -> Option<Matched<'_>> {
         let target = if self.strip_version_prefix {

@@ -5,7 +5,7 @@
 use crate::config::Config;
 use crate::forward::ListenerCtx;
 use crate::gate::Gate;
-use crate::metrics::Metrics;
+use crate::metrics::{ListenerSeries, Metrics, UpstreamSeries};
 use crate::poc::Poc;
 use crate::route::RouteTable;
 use crate::upstream::Upstream;
@@ -44,6 +44,10 @@ impl Runtime {
             metrics.poc_rewritten.clone(),
             metrics.poc_refused.clone(),
         ));
+        let upstream_series: Vec<_> = upstreams
+            .iter()
+            .map(|u| Arc::new(UpstreamSeries::new(metrics.clone(), &u.name)))
+            .collect();
         let mut listeners = Vec::new();
         for l in &config.listeners {
             let err = |e: String| format!("listener {}: {e}", l.name);
@@ -53,16 +57,19 @@ impl Runtime {
                 )),
                 None => None,
             };
+            let routes = RouteTable::new(l, |n| config.upstream_index(n));
+            let labels: Vec<_> = routes.routes().iter().map(|r| r.label.clone()).collect();
             listeners.push(Arc::new(ListenerCtx {
                 name: l.name.as_str().into(),
-                routes: RouteTable::new(l, |n| config.upstream_index(n)),
+                series: Arc::new(ListenerSeries::new(metrics.clone(), &l.name, &labels)),
+                upstream_series: upstream_series.clone(),
+                routes,
                 upstreams: upstreams.clone(),
                 proto: if tls.is_some() { "https" } else { "http" },
                 tls,
                 header_timeout: l.header_timeout,
                 poc: poc.clone(),
                 gate: Gate::new(&l.gate).map_err(err)?,
-                metrics: metrics.clone(),
             }));
         }
         Ok(Runtime {
