@@ -59,14 +59,14 @@ impl Replayable {
 
     /// A body for one attempt.
     pub fn body(&self, idle: Duration) -> Relay {
-        Relay {
+        Relay(Box::new(Parts {
             source: Source::Slot {
                 slot: self.slot.clone(),
                 taken: None,
             },
             idle: Some(Idle::new(idle)),
             meter: None,
-        }
+        }))
     }
 
     /// Whether no attempt has read (or taken) the body yet.
@@ -75,7 +75,12 @@ impl Replayable {
     }
 }
 
-pub struct Relay {
+/// Boxed: a body waits in hyper's per-connection queues (the client's request channel
+/// keeps 32 request slots per upstream connection), so its inline size is paid many times
+/// per stream; boxed it is one pointer.
+pub struct Relay(Box<Parts>);
+
+struct Parts {
     source: Source,
     idle: Option<Idle>,
     meter: Option<Box<dyn Meter>>,
@@ -108,21 +113,21 @@ impl Relay {
     pub fn stream(body: Incoming, idle: Duration) -> Self {
         // An empty body (most GETs) needs no timer.
         let idle = (!body.is_end_stream()).then(|| Idle::new(idle));
-        Relay {
+        Relay(Box::new(Parts {
             source: Source::Stream(body),
             idle,
             meter: None,
-        }
+        }))
     }
 
     /// A body held in memory (error responses, rewritten PoC bodies).
     pub fn full(bytes: impl Into<Bytes>) -> Self {
         let bytes = bytes.into();
-        Relay {
+        Relay(Box::new(Parts {
             source: Source::Full((!bytes.is_empty()).then_some(bytes)),
             idle: None,
             meter: None,
-        }
+        }))
     }
 
     pub fn empty() -> Self {
@@ -130,10 +135,12 @@ impl Relay {
     }
 
     pub fn with_meter(mut self, meter: Box<dyn Meter>) -> Self {
-        self.meter = Some(meter);
+        self.0.meter = Some(meter);
         self
     }
+}
 
+impl Parts {
     fn finish(&mut self, result: Result<(), &BodyError>) {
         if let Some(mut m) = self.meter.take() {
             m.end(result);
@@ -149,7 +156,7 @@ impl Body for Relay {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let this = &mut *self;
+        let this: &mut Parts = &mut self.0;
         if let Some(idle) = &mut this.idle {
             if !idle.armed {
                 idle.armed = true;
@@ -186,7 +193,7 @@ impl Body for Relay {
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.source {
+        match &self.0.source {
             Source::Stream(b) => b.is_end_stream(),
             Source::Full(b) => b.is_none(),
             Source::Slot { taken: Some(b), .. } => b.is_end_stream(),
@@ -198,7 +205,7 @@ impl Body for Relay {
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.source {
+        match &self.0.source {
             Source::Stream(b) => b.size_hint(),
             Source::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Source::Slot { taken: Some(b), .. } => b.size_hint(),
@@ -233,8 +240,8 @@ fn poll_stream(
 impl Drop for Relay {
     fn drop(&mut self) {
         // A full body that was never polled but is empty still ended cleanly.
-        if self.meter.is_some() && self.is_end_stream() {
-            self.finish(Ok(()));
+        if self.0.meter.is_some() && self.is_end_stream() {
+            self.0.finish(Ok(()));
         }
     }
 }

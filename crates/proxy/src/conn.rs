@@ -39,8 +39,9 @@ pub async fn serve(
     }
     match ctx.tls.clone() {
         None => serve_connection(stream, peer, current, header_timeout, None, stop).await,
+        // Boxed: a plain connection's task must not reserve room for TLS state.
         Some(acceptor) => {
-            serve_tls(
+            Box::pin(serve_tls(
                 acceptor,
                 stream,
                 peer,
@@ -48,7 +49,7 @@ pub async fn serve(
                 current,
                 header_timeout,
                 stop,
-            )
+            ))
             .await
         }
     }
@@ -131,8 +132,11 @@ async fn serve_connection<S>(
     let service = service_fn(move |req| {
         seen.store(true, Ordering::Relaxed);
         let ctx = current.load_full();
-        let client = client.clone();
-        async move { Ok::<_, Infallible>(forward::handle(ctx, client, req).await) }
+        // Boxed: hyper keeps the slot for a service future for the connection's lifetime;
+        // unboxed, every open connection (and every long stream) would carry the ~3 KB of
+        // a request handler that has long finished.
+        let handler = Box::pin(forward::handle(ctx, client.clone(), req));
+        async move { Ok::<_, Infallible>(handler.await) }
     });
     let result = match protocol {
         Protocol::Http1 => {
@@ -149,7 +153,8 @@ async fn serve_connection<S>(
                 .max_concurrent_streams(H2_MAX_STREAMS)
                 .keep_alive_interval(Duration::from_secs(30))
                 .serve_connection(io, service);
-            let mut conn = std::pin::pin!(conn);
+            // Boxed: HTTP/1 connections (the many) must not reserve room for HTTP/2 state.
+            let mut conn = Box::pin(conn);
             tokio::select! {
                 out = conn.as_mut() => out,
                 _ = stopped(&mut stop) => {
@@ -163,7 +168,7 @@ async fn serve_connection<S>(
                         tracing::debug!(%peer, "h2 client sent no request within the header timeout; closing");
                         return;
                     }
-                    until_drained(conn, stop).await
+                    until_drained(conn.as_mut(), stop).await
                 }
             }
         }
