@@ -15,10 +15,12 @@
 //! - upstream `idle_timeout` (default 10 m): the longest gap between request body frames; a
 //!   stalled request body ends with `400 bad_request` and the connection closed. A client
 //!   that is slow to *read* is not an idle upstream: it is never cut by this timeout;
+//! - listener `send_timeout` (default 60 s): a client that accepts no bytes for that long
+//!   while podproxy has some for it is cut (aborted response, backend slot freed);
 //! - there is no rate or total-time limit on a request body that keeps moving, nor on a
-//!   client reading a response slowly: it holds its connection, its upstream connection and
-//!   its in-flight slot. Memory stays bounded per connection by hyper's buffers (the write
-//!   queue towards the client and the upstream read buffer, up to ~400 KiB each), never by
+//!   client that keeps reading slowly: it holds its connection, its upstream connection and
+//!   its in-flight slot. Memory stays bounded per connection by hyper's buffers, capped at
+//!   64 KiB each (the write queue towards the client and the upstream read buffer), never by
 //!   the body size, because the relay reads the upstream only when the client has room.
 
 mod common;
@@ -494,6 +496,57 @@ async fn slow_reader_of_a_big_download_gets_backpressure_not_buffering() {
 /// Idle connections per test: 400, or fewer when the open-files soft limit is low. This
 /// process holds both ends of every connection (client and proxy), both idle-connection
 /// tests may run at once, and the pooled upstream connections need room too.
+/// A client that stops reading altogether is cut after the listener's `send_timeout`: the
+/// upstream request is dropped (in-flight back to 0) while the client still reads nothing,
+/// and what it can read afterwards is a body short of its Content-Length, then the end of
+/// the connection — an aborted response, never a clean one.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_after_send_timeout() {
+    const SIZE: u64 = 256 * 1024 * 1024;
+    let echo = EchoServer::start().await.unwrap();
+    let proxy = Proxy::start(&config("send_timeout = \"300ms\"", &echo.url(), "")).await;
+    let mut wire = Wire::connect(proxy.addr("main")).await;
+    wire.send(format!("GET /bytes/{SIZE} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await;
+    let (status, headers) = wire.head().await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        header(&headers, "content-length"),
+        Some(SIZE.to_string().as_str())
+    );
+    // The client reads nothing more; podproxy fills the socket buffers and its own bounded
+    // ones, then the send timeout ends the exchange and frees the backend slot.
+    let started = Instant::now();
+    eventually("the stalled exchange released its backend slot", || {
+        proxy.in_flight() == 0
+    })
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "cut before the send timeout: {:?}",
+        started.elapsed()
+    );
+    let mut received = wire.buf.len() as u64;
+    let end = bounded("end of the cut connection", async {
+        let mut chunk = vec![0u8; 256 * 1024];
+        loop {
+            match wire.stream.read(&mut chunk).await {
+                Ok(0) => break "eof",
+                Ok(n) => received += n as u64,
+                Err(_) => break "reset",
+            }
+        }
+    })
+    .await;
+    assert!(
+        received < SIZE,
+        "a cut response must not look complete ({received} of {SIZE} bytes, then {end})"
+    );
+    // The proxy keeps serving.
+    let mut fresh = RawConn::connect(proxy.addr("main")).await;
+    normal_request(&mut fresh).await;
+}
+
 fn idle_conns() -> usize {
     let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
     let soft = limits

@@ -3,6 +3,7 @@
 
 use crate::detect::{detect, Prefixed, Protocol};
 use crate::forward::{self, ListenerCtx};
+use crate::stall::WriteStall;
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -19,6 +20,12 @@ use tokio::sync::watch;
 /// capped below what a node registers (`max_concurrent: 500`).
 const H2_MAX_STREAMS: u32 = 1024;
 
+/// hyper's per-connection buffer cap (read buffer, and the write queue towards the client).
+/// It bounds what a client that stops reading can make podproxy hold: hyper's default
+/// (~400 KiB, on this side and on the upstream side) cost ~1.2 MiB of RSS per stalled
+/// reader; 64 KiB costs ~0.24 MiB. It also caps a request head at 64 KiB (nginx: 32 KiB).
+pub const MAX_BUF_SIZE: usize = 64 * 1024;
+
 /// Serves one accepted TCP connection. TLS and the header timeout come from the listener
 /// context at accept time; every request then takes the context current when it starts, so
 /// a reload reaches open keep-alive connections too (routes, tokens, allowlists), while a
@@ -31,6 +38,7 @@ pub async fn serve(
 ) {
     let ctx = current.load_full();
     let header_timeout = ctx.header_timeout;
+    let stream = WriteStall::new(stream, ctx.send_timeout);
     // On a TLS listener a refused source gets no handshake at all (plain listeners answer
     // 403 in `forward`, where the client can read it).
     if ctx.tls.is_some() && ctx.gate.check_source(peer.ip()).is_err() {
@@ -58,7 +66,7 @@ pub async fn serve(
 /// TLS handshake (bounded by the header timeout; no plain-HTTP fallback), then HTTP.
 async fn serve_tls(
     acceptor: tokio_rustls::TlsAcceptor,
-    stream: TcpStream,
+    stream: WriteStall<TcpStream>,
     peer: SocketAddr,
     listener: &str,
     current: Arc<ArcSwap<ListenerCtx>>,
@@ -143,6 +151,7 @@ async fn serve_connection<S>(
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)
+                .max_buf_size(MAX_BUF_SIZE)
                 .keep_alive(true)
                 .serve_connection(io, service);
             until_drained(std::pin::pin!(conn), stop).await

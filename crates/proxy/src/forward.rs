@@ -39,6 +39,8 @@ pub struct ListenerCtx {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// Slowloris guard for this listener's connections.
     pub header_timeout: Duration,
+    /// Send timeout for this listener's connections (`stall`).
+    pub send_timeout: Duration,
 }
 
 /// The client end of a connection, with its address already formatted for the forwarding

@@ -18,6 +18,7 @@ pub mod route;
 pub mod runtime;
 pub mod server;
 pub mod signals;
+pub mod stall;
 pub mod tls;
 pub mod upstream;
 

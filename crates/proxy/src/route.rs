@@ -175,6 +175,7 @@ mod tests {
             strip_version_prefix: strip_version,
             max_connections: 1,
             header_timeout: std::time::Duration::from_secs(1),
+            send_timeout: std::time::Duration::from_secs(1),
             routes: routes
                 .iter()
                 .map(|(p, u, s)| RouteConfig {

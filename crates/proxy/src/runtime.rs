@@ -68,6 +68,7 @@ impl Runtime {
                 proto: if tls.is_some() { "https" } else { "http" },
                 tls,
                 header_timeout: l.header_timeout,
+                send_timeout: l.send_timeout,
                 poc: poc.clone(),
                 gate: Gate::new(&l.gate).map_err(err)?,
             }));

@@ -59,6 +59,8 @@ pub struct ListenerSection {
     pub max_connections: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     pub header_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub send_timeout: Option<Duration>,
     #[serde(default)]
     pub routes: Vec<RouteSection>,
     pub tls: Option<ListenerTlsSection>,

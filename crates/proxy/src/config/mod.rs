@@ -90,6 +90,9 @@ pub struct ListenerConfig {
     pub max_connections: usize,
     #[serde(with = "humantime_serde")]
     pub header_timeout: Duration,
+    /// How long a client may accept no bytes while podproxy has some for it.
+    #[serde(with = "humantime_serde")]
+    pub send_timeout: Duration,
     pub routes: Vec<RouteConfig>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<crate::tls::ListenerTls>,
@@ -209,6 +212,8 @@ pub mod defaults {
     pub const MAX_CONNECTIONS: usize = 10_000;
     /// Slowloris guard, also covers HTTP/1-vs-2 detection.
     pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+    /// nginx's `send_timeout` default; a client that reads at all never meets it.
+    pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
     pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
     /// `POST /api/v1/inference/up` blocks until vLLM is up: up to ~20 minutes.
     pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30 * 60);

@@ -69,6 +69,10 @@ pub(super) fn validate(file: file::FileConfig) -> Result<Config, ConfigError> {
                 "must be above zero",
             ));
         }
+        let send_timeout = l.send_timeout.unwrap_or(defaults::SEND_TIMEOUT);
+        if send_timeout.is_zero() {
+            return Err(invalid(format!("{key}.send_timeout"), "must be above zero"));
+        }
         if l.routes.is_empty() {
             return Err(invalid(
                 format!("{key}.routes"),
@@ -126,6 +130,7 @@ pub(super) fn validate(file: file::FileConfig) -> Result<Config, ConfigError> {
             strip_version_prefix: l.strip_version_prefix,
             max_connections,
             header_timeout,
+            send_timeout,
             routes,
             tls,
             gate,

@@ -58,6 +58,8 @@ impl Upstream {
             // A request that lost the race with a keepalive close before any byte was sent
             // is retried once on a fresh connection (hyper-util's "canceled" retry).
             .retry_canceled_requests(true)
+            // Bounds the response bytes read ahead of a slow client (see conn::MAX_BUF_SIZE).
+            .http1_max_buf_size(crate::conn::MAX_BUF_SIZE)
             .set_host(true)
             .build(connector);
         let waiters = Arc::new(Waiters::default());
