@@ -42,7 +42,17 @@ pub(crate) struct Server {
 
 impl Server {
     pub(crate) async fn bind(addr: SocketAddr, handler: Handler) -> io::Result<Server> {
-        let listener = TcpListener::bind(addr).await?;
+        // uvicorn (vLLM, the mlnode) listens with a backlog of 2048; tokio's bind uses 128,
+        // which a proxy opening thousands of upstream connections at once overflows (SYNs
+        // dropped, retried after 1 s): a simulator artifact, not backend behaviour.
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(2048)?;
         let addr = listener.local_addr()?;
         let task = tokio::spawn(accept_loop(listener, handler));
         Ok(Server {
