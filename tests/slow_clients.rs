@@ -28,8 +28,6 @@ mod support;
 
 use common::*;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::*;
@@ -317,76 +315,6 @@ async fn stalled_request_body_is_ended_by_the_idle_timeout() {
 // c. Slow reader of a big response
 // ---------------------------------------------------------------------------------------
 
-/// The real `podproxy` binary (so its RSS is podproxy's alone), killed and reaped on drop.
-struct RealProxy {
-    child: Child,
-    addr: SocketAddr,
-    config: PathBuf,
-}
-
-impl RealProxy {
-    async fn start(upstream_url: &str, upstream_extra: &str) -> RealProxy {
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let text =
-            config("", upstream_url, upstream_extra).replace("127.0.0.1:0", &addr.to_string());
-        let path = std::env::temp_dir().join(format!(
-            "podproxy-slow-clients-{}-{}.toml",
-            std::process::id(),
-            addr.port()
-        ));
-        std::fs::write(&path, format!("[server]\nlog_level = \"warn\"\n\n{text}")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_podproxy"))
-            .arg("--config")
-            .arg(&path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn podproxy");
-        let mut proxy = RealProxy {
-            child,
-            addr,
-            config: path,
-        };
-        bounded("podproxy listening", async {
-            loop {
-                if let Some(status) = proxy.child.try_wait().unwrap() {
-                    panic!("podproxy exited at start: {status}");
-                }
-                if TcpStream::connect(addr).await.is_ok() {
-                    break;
-                }
-                // Polling a port that offers no event to await.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
-        proxy
-    }
-
-    /// A field of /proc/<pid>/status in KiB (VmRSS, VmHWM).
-    fn status_kib(&self, field: &str) -> u64 {
-        status_kib(self.child.id(), field)
-    }
-}
-
-impl Drop for RealProxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.config);
-    }
-}
-
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-}
-
 /// Reads `n` body bytes starting at `offset` of the `/bytes` pattern, checking each byte.
 async fn read_pattern(wire: &mut Wire, offset: u64, n: u64) {
     let mut expected = vec![0u8; 64 * 1024];
@@ -428,7 +356,11 @@ async fn slow_reader_of_a_big_download_gets_backpressure_not_buffering() {
     let echo = EchoServer::start().await.unwrap();
     // A short upstream idle timeout: a client that is slow to read is not an idle upstream,
     // so the 1.5 s stall must not trip it.
-    let proxy = RealProxy::start(&echo.url(), "idle_timeout = \"500ms\"").await;
+    let proxy = RealProxy::start(|addr| {
+        config("", &echo.url(), "idle_timeout = \"500ms\"")
+            .replace("127.0.0.1:0", &addr.to_string())
+    })
+    .await;
 
     // Warm-up (first connection, pools, allocator arenas), then the baseline.
     let mut warm = RawConn::connect(proxy.addr).await;

@@ -11,10 +11,7 @@ mod common;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::pin::Pin;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -536,87 +533,6 @@ async fn start_bulk_backend() -> SocketAddr {
     addr
 }
 
-/// The real `podproxy` binary, killed (SIGKILL) and reaped when dropped.
-struct RealProxy {
-    child: Child,
-    addr: SocketAddr,
-    config: PathBuf,
-}
-
-impl RealProxy {
-    async fn start(upstream: &str) -> RealProxy {
-        static N: AtomicU64 = AtomicU64::new(0);
-        // A free port: bind :0, note it, release it.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let config = std::env::temp_dir().join(format!(
-            "podproxy-streaming-{}-{}.toml",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::write(
-            &config,
-            format!(
-                "[server]\nlog_level = \"warn\"\n\n[listeners.main]\nbind = \"{addr}\"\nroutes = [{{ prefix = \"/\", upstream = \"u\" }}]\n\n[upstreams.u]\nurls = \"{upstream}\"\n"
-            ),
-        )
-        .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_podproxy"))
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn podproxy");
-        let mut proxy = RealProxy {
-            child,
-            addr,
-            config,
-        };
-        let up = tokio::time::timeout(WAIT, async {
-            loop {
-                if let Some(status) = proxy.child.try_wait().unwrap() {
-                    panic!("podproxy exited at start: {status}");
-                }
-                if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
-        assert!(up.is_ok(), "podproxy did not listen on {addr}");
-        proxy
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// A field of /proc/<pid>/status in KiB (VmRSS, VmHWM).
-    fn status_kib(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-            .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {field} in /proc status"))
-    }
-}
-
-impl Drop for RealProxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.config);
-    }
-}
-
 /// Documented bound on the real binary's peak RSS after 256 MiB each way. Body frames are
 /// relayed, never collected, so the peak is the baseline (a few MiB) plus per-connection
 /// buffers; a proxy that buffered bodies would exceed it by hundreds of MiB.
@@ -628,7 +544,12 @@ const PEAK_RSS_BOUND_KIB: u64 = 64 * 1024;
 async fn real_binary_memory_does_not_grow_with_body_size() {
     const SIZE: u64 = 256 * MIB;
     let backend = start_bulk_backend().await;
-    let proxy = RealProxy::start(&format!("http://{backend}")).await;
+    let proxy = RealProxy::start(|addr| {
+        format!(
+            "[listeners.main]\nbind = \"{addr}\"\nroutes = [{{ prefix = \"/\", upstream = \"u\" }}]\n\n[upstreams.u]\nurls = \"http://{backend}\"\n"
+        )
+    })
+    .await;
     let client = http_client();
 
     // Warm-up, then the baseline.

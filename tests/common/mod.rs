@@ -132,3 +132,87 @@ pub fn proxied(rec: &testkit::Recorder) -> Vec<testkit::Recorded> {
 pub fn last_proxied(rec: &testkit::Recorder) -> Option<testkit::Recorded> {
     proxied(rec).pop()
 }
+
+/// podproxy as its own process (the real binary), for figures that must be podproxy's
+/// alone (RSS) rather than the test process's. Killed and reaped on drop.
+pub struct RealProxy {
+    child: std::process::Child,
+    pub addr: SocketAddr,
+    config: std::path::PathBuf,
+}
+
+impl RealProxy {
+    /// Starts the binary with the config `toml(addr)` gives for a listener bound to `addr`
+    /// (a free loopback port), at log level warn; returns once it accepts connections.
+    pub async fn start(toml: impl FnOnce(SocketAddr) -> String) -> RealProxy {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        // A free port: bind :0, note it, release it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let config = std::env::temp_dir().join(format!(
+            "podproxy-real-{}-{}.toml",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(
+            &config,
+            format!("[server]\nlog_level = \"warn\"\n\n{}", toml(addr)),
+        )
+        .expect("write config");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_podproxy"))
+            .arg("--config")
+            .arg(&config)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("spawn podproxy");
+        let mut proxy = RealProxy {
+            child,
+            addr,
+            config,
+        };
+        let up = tokio::time::timeout(WAIT, async {
+            loop {
+                if let Some(status) = proxy.child.try_wait().expect("try_wait") {
+                    panic!("podproxy exited at start: {status}");
+                }
+                if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                    break;
+                }
+                // Polling a port that offers no event to await.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(up.is_ok(), "podproxy did not listen on {addr}");
+        proxy
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A field of /proc/<pid>/status in KiB (VmRSS, VmHWM).
+    pub fn status_kib(&self, field: &str) -> u64 {
+        let pid = self.child.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+    }
+}
+
+impl Drop for RealProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
