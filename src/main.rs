@@ -42,16 +42,6 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("podproxy: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     match cli.command.unwrap_or(Command::Run) {
         Command::Check => check(cli.config),
         Command::Run => {
@@ -63,10 +53,29 @@ fn main() -> ExitCode {
                 Some(p) => proxy::server::ConfigSource::File(p.clone()),
                 None => proxy::server::ConfigSource::Embedded,
             };
-            runtime.block_on(run(config, source))
+            match runtime(Some(config.server.worker_threads)) {
+                Ok(rt) => rt.block_on(run(config, source)),
+                Err(code) => code,
+            }
         }
-        Command::Demo => runtime.block_on(demo::run(cli.log_format.as_deref())),
+        Command::Demo => match runtime(None) {
+            Ok(rt) => rt.block_on(demo::run(cli.log_format.as_deref())),
+            Err(code) => code,
+        },
     }
+}
+
+/// The async runtime; `workers` from `server.worker_threads` (tokio's default: one per CPU).
+fn runtime(workers: Option<usize>) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(n) = workers {
+        builder.worker_threads(n);
+    }
+    builder.build().map_err(|e| {
+        eprintln!("podproxy: cannot start the async runtime: {e}");
+        ExitCode::FAILURE
+    })
 }
 
 fn load(path: Option<&std::path::Path>, log_format: Option<&str>) -> Result<Config, ExitCode> {

@@ -48,6 +48,7 @@ pub struct ServerSection {
     pub shutdown_grace: Option<Duration>,
     pub log_format: Option<String>,
     pub log_level: Option<String>,
+    pub worker_threads: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -78,6 +78,9 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
+    /// Runtime worker threads (nginx's `worker_processes`); one per CPU unless set. Read at
+    /// start only.
+    pub worker_threads: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -208,6 +211,8 @@ impl std::fmt::Display for BackendAddr {
 pub mod defaults {
     use std::time::Duration;
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+    /// Upper bound for `server.worker_threads`: a typo must not start thousands of threads.
+    pub const MAX_WORKER_THREADS: usize = 256;
     /// nginx's stock config resets streams beyond ~250; a Gonka node registers 500.
     pub const MAX_CONNECTIONS: usize = 10_000;
     /// Slowloris guard, also covers HTTP/1-vs-2 detection.

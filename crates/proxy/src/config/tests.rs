@@ -133,11 +133,33 @@ fn semantic_errors_name_key_and_reason() {
             ),
             "server.log_format",
         ),
+        (
+            MINIMAL.replace(
+                "[listeners.main]",
+                "[server]\nworker_threads = 0\n[listeners.main]",
+            ),
+            "server.worker_threads",
+        ),
     ];
     for (text, key) in cases {
         let e = err_of(&text);
         assert!(e.starts_with(key), "expected key {key} in: {e}");
     }
+}
+
+#[test]
+fn worker_threads_default_to_the_cpus_and_can_be_set() {
+    let cfg = Config::from_toml(MINIMAL).unwrap();
+    assert_eq!(
+        cfg.server.worker_threads,
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    let cfg = Config::from_toml(&MINIMAL.replace(
+        "[listeners.main]",
+        "[server]\nworker_threads = 3\n[listeners.main]",
+    ))
+    .unwrap();
+    assert_eq!(cfg.server.worker_threads, 3);
 }
 
 #[test]

@@ -28,6 +28,16 @@ pub(super) fn validate(file: file::FileConfig) -> Result<Config, ConfigError> {
             }
         },
         log_level: file.server.log_level.unwrap_or_else(|| "info".into()),
+        worker_threads: match file.server.worker_threads {
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            Some(n) if (1..=defaults::MAX_WORKER_THREADS).contains(&n) => n,
+            Some(n) => {
+                return Err(invalid(
+                    "server.worker_threads",
+                    format!("must be 1 to {}, not {n}", defaults::MAX_WORKER_THREADS),
+                ))
+            }
+        },
     };
 
     let mut upstreams = Vec::new();
