@@ -33,24 +33,18 @@ impl<S> WriteStall<S> {
         }
     }
 
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
     /// Called when a write made no progress: starts the clock (once per stall) and fails
     /// when it has run out.
     fn stalled(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
-        let deadline = Instant::now() + self.limit;
+        let limit = self.limit;
         let timer = match &mut self.timer {
             Some(t) => {
                 if !self.armed {
-                    t.as_mut().reset(deadline);
+                    t.as_mut().reset(Instant::now() + limit);
                 }
                 t
             }
-            None => self
-                .timer
-                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+            None => self.timer.insert(Box::pin(tokio::time::sleep(limit))),
         };
         self.armed = true;
         match timer.as_mut().poll(cx) {
