@@ -12,6 +12,8 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 
+use crate::upstream::pool::Lease;
+
 /// How a relayed body failed. Returned as the body error, which makes hyper abort the
 /// connection (h1) or reset the stream (h2): the peer never mistakes it for a clean end.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +36,11 @@ pub trait Meter: Send + 'static {
 
 enum Source {
     Stream(Incoming),
+    /// A response body and the upstream connection that feeds it (driven by our polls).
+    Upstream {
+        body: Incoming,
+        lease: Lease,
+    },
     Full(Option<Bytes>),
     /// A `Replayable` body: taken out of its slot on first poll.
     Slot {
@@ -120,6 +127,17 @@ impl Relay {
         }))
     }
 
+    /// Relays an upstream response body, driving its connection; `idle` bounds the gap
+    /// between frames. The connection is parked for reuse when the body ends cleanly.
+    pub fn upstream(body: Incoming, lease: Lease, idle: Duration) -> Self {
+        let idle = (!body.is_end_stream()).then(|| Idle::new(idle));
+        Relay(Box::new(Parts {
+            source: Source::Upstream { body, lease },
+            idle,
+            meter: None,
+        }))
+    }
+
     /// A body held in memory (error responses, rewritten PoC bodies).
     pub fn full(bytes: impl Into<Bytes>) -> Self {
         let bytes = bytes.into();
@@ -166,6 +184,14 @@ impl Body for Relay {
         let polled = match &mut this.source {
             Source::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Source::Stream(body) => poll_stream(body, &mut this.idle, cx),
+            Source::Upstream { body, lease } => {
+                lease.drive(cx);
+                let polled = poll_stream(body, &mut this.idle, cx);
+                if let Poll::Ready(None) = polled {
+                    lease.release(Some(cx));
+                }
+                polled
+            }
             Source::Slot { slot, taken } => {
                 if taken.is_none() {
                     *taken = slot.lock().ok().and_then(|mut s| s.take());
@@ -194,7 +220,7 @@ impl Body for Relay {
 
     fn is_end_stream(&self) -> bool {
         match &self.0.source {
-            Source::Stream(b) => b.is_end_stream(),
+            Source::Stream(b) | Source::Upstream { body: b, .. } => b.is_end_stream(),
             Source::Full(b) => b.is_none(),
             Source::Slot { taken: Some(b), .. } => b.is_end_stream(),
             Source::Slot { slot, .. } => slot
@@ -206,7 +232,7 @@ impl Body for Relay {
 
     fn size_hint(&self) -> SizeHint {
         match &self.0.source {
-            Source::Stream(b) => b.size_hint(),
+            Source::Stream(b) | Source::Upstream { body: b, .. } => b.size_hint(),
             Source::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Source::Slot { taken: Some(b), .. } => b.size_hint(),
             Source::Slot { slot, .. } => slot
@@ -239,6 +265,13 @@ fn poll_stream(
 
 impl Drop for Relay {
     fn drop(&mut self) {
+        // hyper stops polling a body once its length is reached (and never polls a 204 or
+        // HEAD body): such a body has ended cleanly, and its connection is free.
+        if let Source::Upstream { body, lease } = &mut self.0.source {
+            if body.is_end_stream() {
+                lease.release(None);
+            }
+        }
         // A full body that was never polled but is empty still ended cleanly.
         if self.0.meter.is_some() && self.is_end_stream() {
             self.0.finish(Ok(()));

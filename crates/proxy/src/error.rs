@@ -12,6 +12,9 @@ pub enum ProxyError {
     NoRoute,
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// The client's request body broke off, stalled or was malformed while it was relayed.
+    #[error("bad request: the request body could not be read: {0}")]
+    RequestBody(String),
     #[error("request body larger than {limit} bytes")]
     PayloadTooLarge { limit: u64 },
     #[error("missing or invalid bearer token")]
@@ -46,7 +49,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
-            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_) | ProxyError::RequestBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,
             ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -64,7 +67,7 @@ impl ProxyError {
     pub fn kind(&self) -> &'static str {
         match self {
             ProxyError::NoRoute => "no_route",
-            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::BadRequest(_) | ProxyError::RequestBody(_) => "bad_request",
             ProxyError::PayloadTooLarge { .. } => "payload_too_large",
             ProxyError::Unauthorized => "unauthorized",
             ProxyError::Forbidden(_) => "forbidden",
@@ -98,6 +101,11 @@ impl ProxyError {
                     HeaderValue::from_static("Bearer realm=\"podproxy\""),
                 );
             }
+            // The rest of the body is still unread (or its framing is broken): nothing on
+            // this connection can be trusted to start a next request.
+            ProxyError::RequestBody(_) => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             _ => {}
         }
         resp
@@ -116,6 +124,7 @@ mod tests {
         let cases = [
             (ProxyError::NoRoute, 404, "no_route"),
             (ProxyError::BadRequest("x".into()), 400, "bad_request"),
+            (ProxyError::RequestBody("x".into()), 400, "bad_request"),
             (
                 ProxyError::PayloadTooLarge { limit: 1 },
                 413,

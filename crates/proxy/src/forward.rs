@@ -5,7 +5,6 @@
 
 use crate::access_log::{CountIn, Exchange};
 use crate::body::{Relay, Replayable};
-use crate::config::BackendAddr;
 use crate::error::ProxyError;
 use crate::gate::Gate;
 use crate::headers::{self, X_REQUEST_ID};
@@ -150,14 +149,14 @@ async fn forward(
         };
         let mut attempt = Request::new(body.for_attempt(idle, ex));
         *attempt.method_mut() = parts.method.clone();
-        *attempt.uri_mut() = upstream_uri(&backend.addr, &path_and_query)?;
+        *attempt.uri_mut() = Uri::from(path_and_query.clone());
         *attempt.headers_mut() = headers;
         if upstream.cfg.rewrite_host {
             if let Ok(host) = HeaderValue::from_str(backend.addr.authority.as_str()) {
                 attempt.headers_mut().insert(header::HOST, host);
             }
         }
-        match upstream.send(&backend, attempt).await {
+        match upstream.send(index, attempt).await {
             Ok(resp) => break resp,
             Err(e @ ProxyError::Connect { .. }) if !last_chance && body.replayable() => {
                 tracing::info!(upstream = &*upstream.name, "{e}; trying another backend");
@@ -168,6 +167,7 @@ async fn forward(
     };
     ex.ttfb = Some(ex.started.elapsed());
 
+    let (resp, lease) = resp;
     let (mut parts, body) = resp.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
     let is_sse = parts
@@ -180,7 +180,10 @@ async fn forward(
     // hyper writes the response in the client's protocol; an HTTP/1.0 upstream (or an h2
     // client) must not leak its version into the status line.
     parts.version = Version::HTTP_11;
-    Ok(Response::from_parts(parts, Relay::stream(body, idle)))
+    Ok(Response::from_parts(
+        parts,
+        Relay::upstream(body, lease, idle),
+    ))
 }
 
 /// The request body as the attempts see it.
@@ -207,15 +210,6 @@ impl RequestBody {
             RequestBody::Stream(r) => r.untouched(),
         }
     }
-}
-
-fn upstream_uri(addr: &BackendAddr, path_and_query: &uri::PathAndQuery) -> Result<Uri, ProxyError> {
-    let mut parts = uri::Parts::default();
-    parts.scheme = Some(addr.scheme.clone());
-    parts.authority = Some(addr.authority.clone());
-    parts.path_and_query = Some(path_and_query.clone());
-    Uri::from_parts(parts)
-        .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded".into()))
 }
 
 /// Header rules for the upstream request (design §3). `Host` is kept as the client sent it;

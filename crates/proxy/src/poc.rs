@@ -155,7 +155,7 @@ impl Poc {
                     self.refused.inc();
                     ProxyError::PayloadTooLarge { limit }
                 } else {
-                    ProxyError::BadRequest(format!("could not read the request body: {e}"))
+                    ProxyError::RequestBody(e.to_string())
                 }
             })?
             .to_bytes();

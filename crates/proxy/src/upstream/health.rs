@@ -3,6 +3,7 @@
 //! marked down by its 404); a 5xx, an error or no answer within the timeout is a failure.
 
 use super::backend::Backend;
+use super::pool::SendError;
 use super::Upstream;
 use crate::body::Relay;
 use http::{header, HeaderValue, Request};
@@ -19,8 +20,8 @@ pub async fn run(up: Arc<Upstream>) {
     loop {
         tick.tick().await;
         let mut round = JoinSet::new();
-        for b in up.backends() {
-            round.spawn(check(up.clone(), b.clone()));
+        for (i, b) in up.backends().iter().enumerate() {
+            round.spawn(check(up.clone(), i, b.clone()));
         }
         while round.join_next().await.is_some() {}
         if first {
@@ -39,9 +40,9 @@ pub async fn run(up: Arc<Upstream>) {
     }
 }
 
-async fn check(up: Arc<Upstream>, b: Arc<Backend>) {
+async fn check(up: Arc<Upstream>, index: usize, b: Arc<Backend>) {
     let cfg = &up.cfg.health;
-    let result = tokio::time::timeout(cfg.timeout, probe(&up, &b)).await;
+    let result = tokio::time::timeout(cfg.timeout, probe(&up, index, &b)).await;
     let outcome = match result {
         Ok(r) => r,
         Err(_) => Err(format!(
@@ -52,23 +53,26 @@ async fn check(up: Arc<Upstream>, b: Arc<Backend>) {
     b.health_result(&up.name, outcome, cfg.failures, cfg.successes);
 }
 
-async fn probe(up: &Upstream, b: &Backend) -> Result<(), String> {
-    let uri = format!("{}{}", b.label, up.cfg.health.path);
-    let mut req = Request::get(uri)
+async fn probe(up: &Upstream, index: usize, b: &Backend) -> Result<(), String> {
+    let mut req = Request::get(up.cfg.health.path.as_str())
         .body(Relay::empty())
         .map_err(|e| format!("bad health-check request: {e}"))?;
+    if let Ok(host) = HeaderValue::from_str(b.addr.authority.as_str()) {
+        req.headers_mut().insert(header::HOST, host);
+    }
     req.headers_mut().insert(
         header::USER_AGENT,
         HeaderValue::from_static("podproxy-health"),
     );
-    let resp = up
-        .client
-        .request(req)
-        .await
-        .map_err(|e| super::error_chain(&e))?;
+    let (resp, lease) = up.pool.send(index, req).await.map_err(|e| match e {
+        SendError::Connect(e) => super::error_chain(&*e),
+        SendError::Http(e) => super::error_chain(&e),
+        SendError::Closed => "connection closed before the response".into(),
+    })?;
     let status = resp.status();
     // Read the (small) body so the connection goes back to the pool.
-    let _ = Limited::new(resp.into_body(), 64 * 1024).collect().await;
+    let body = Relay::upstream(resp.into_body(), lease, up.cfg.health.timeout);
+    let _ = Limited::new(body, 64 * 1024).collect().await;
     if status.as_u16() < 500 {
         Ok(())
     } else {

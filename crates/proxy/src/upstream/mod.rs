@@ -2,17 +2,16 @@
 
 pub mod backend;
 pub mod health;
+pub mod pool;
 
 use crate::body::Relay;
 use crate::config::UpstreamConfig;
 use crate::error::ProxyError;
 use backend::{take_least_loaded, Backend, InFlight, NoSlot, Waiters};
-use http::{Request, Response};
+use http::{header, HeaderValue, Request, Response};
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use pool::{Lease, Pool, SendError};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +20,7 @@ pub struct Upstream {
     pub name: Arc<str>,
     pub cfg: UpstreamConfig,
     backends: Vec<Arc<Backend>>,
-    client: Client<HttpsConnector<HttpConnector>, Relay>,
+    pool: Arc<Pool>,
     rotation: AtomicUsize,
     waiters: Arc<Waiters>,
 }
@@ -50,18 +49,13 @@ impl Upstream {
             None => builder,
         };
         let connector = builder.enable_http1().wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(cfg.pool_idle_timeout)
-            .pool_max_idle_per_host(cfg.max_idle_per_backend)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            // A request that lost the race with a keepalive close before any byte was sent
-            // is retried once on a fresh connection (hyper-util's "canceled" retry).
-            .retry_canceled_requests(true)
-            // Bounds the response bytes read ahead of a slow client (see conn::MAX_BUF_SIZE).
-            .http1_max_buf_size(crate::conn::MAX_BUF_SIZE)
-            .set_host(true)
-            .build(connector);
+        let pool = Pool::new(
+            connector,
+            &cfg.backends,
+            cfg.pool_idle_timeout,
+            cfg.max_idle_per_backend,
+        )
+        .map_err(|e| format!("upstream {}: {e}", cfg.name))?;
         let waiters = Arc::new(Waiters::default());
         Ok(Upstream {
             name: cfg.name.as_str().into(),
@@ -72,7 +66,7 @@ impl Upstream {
                 .map(|a| Arc::new(Backend::new(a, waiters.clone(), !cfg.health.enabled)))
                 .collect(),
             cfg,
-            client,
+            pool,
             rotation: AtomicUsize::new(0),
             waiters,
         })
@@ -129,27 +123,43 @@ impl Upstream {
         }
     }
 
-    /// Sends one attempt (URI already absolute, pointing at `backend`) and waits for the
-    /// response head. Feeds passive health: a connect failure or a reset before any
-    /// response byte ejects the backend; missed first-byte deadlines count toward the
-    /// stuck-engine guard.
+    /// Parked upstream connections (tests and metrics).
+    pub fn idle_connections(&self) -> usize {
+        self.pool.idle_count()
+    }
+
+    /// Sends one attempt (origin-form URI) to backend `index` and waits for the response
+    /// head; the lease must travel with the response body. A request without `Host` (an
+    /// HTTP/1.0 client) gets the backend's authority. Feeds passive health: a connect
+    /// failure or a reset before any response byte ejects the backend; missed first-byte
+    /// deadlines count toward the stuck-engine guard.
     pub async fn send(
         &self,
-        backend: &Backend,
-        req: Request<Relay>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+        index: usize,
+        mut req: Request<Relay>,
+    ) -> Result<(Response<Incoming>, Lease), ProxyError> {
+        let Some(backend) = self.backends.get(index) else {
+            return Err(ProxyError::NoHealthyBackend {
+                upstream: self.name.to_string(),
+            });
+        };
+        if !req.headers().contains_key(header::HOST) {
+            if let Ok(host) = HeaderValue::from_str(backend.addr.authority.as_str()) {
+                req.headers_mut().insert(header::HOST, host);
+            }
+        }
         let (limit, stuck_guard) = match self.cfg.first_byte_timeout {
             Some(fb) if fb < self.cfg.response_timeout => (fb, true),
             _ => (self.cfg.response_timeout, false),
         };
         let upstream = &*self.name;
-        match tokio::time::timeout(limit, self.client.request(req)).await {
+        match tokio::time::timeout(limit, self.pool.send(index, req)).await {
             Ok(Ok(resp)) => {
                 backend.first_byte_ok(upstream);
                 Ok(resp)
             }
-            Ok(Err(e)) if e.is_connect() => {
-                let detail = error_chain(&e);
+            Ok(Err(SendError::Connect(e))) => {
+                let detail = error_chain(&*e);
                 backend.mark_down(upstream, &format!("connect failed: {detail}"));
                 Err(ProxyError::Connect {
                     upstream: upstream.to_string(),
@@ -158,18 +168,20 @@ impl Upstream {
                 })
             }
             Ok(Err(e)) => {
-                let detail = error_chain(&e);
+                let (detail, by_body) = match &e {
+                    SendError::Http(e) => (error_chain(e), caused_by_request_body(e)),
+                    SendError::Closed => ("connection closed before the response".into(), false),
+                    SendError::Connect(_) => (String::new(), false),
+                };
                 // A connection closed or reset before the response head may be a keepalive
                 // close racing our request (the backend is fine) or a crash: it counts as one
                 // failed health observation, so `health.failures` of them in a row eject the
                 // backend while a single lost race does not. A failing client body (upload
                 // aborted) is not the backend's fault at all.
-                if caused_by_request_body(&e) {
+                if by_body {
                     // The client's body was malformed (bad chunk framing), stalled past the
                     // idle timeout, or was cut off: the client's fault, not the backend's.
-                    return Err(ProxyError::BadRequest(format!(
-                        "the request body could not be read: {detail}"
-                    )));
+                    return Err(ProxyError::RequestBody(detail));
                 }
                 let h = &self.cfg.health;
                 backend.health_result(

@@ -1,0 +1,328 @@
+//! Upstream HTTP/1.1 connections, driven by the task that uses them.
+//!
+//! hyper-util's pooled client ran every upstream connection as a task of its own, so each
+//! request, response head and body frame crossed a channel and a task wake-up, often to the
+//! other worker thread. Here the connection future travels with the exchange instead: the
+//! client connection's task polls it while it waits for the response head ([`Pool::send`])
+//! and while it relays the body ([`Lease`], polled by `Relay`), and the connection is parked
+//! on its backend's idle stack when the response has ended and it can take another request.
+//!
+//! Parked connections are not polled. A close by the backend (uvicorn closes after 5 s) is
+//! read at checkout, expired ones are swept, and a request that still loses the race with a
+//! close before any byte was sent is retried once on a fresh connection.
+
+use crate::body::Relay;
+use crate::config::BackendAddr;
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tower_service::Service;
+
+type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why an exchange produced no response head.
+#[derive(Debug)]
+pub enum SendError {
+    /// No connection: resolve, TCP connect or TLS handshake failed (nothing was sent).
+    Connect(BoxError),
+    /// The connection failed or broke the protocol before the response head.
+    Http(hyper::Error),
+    /// The connection ended without an answer and without an error.
+    Closed,
+}
+
+/// One upstream connection: the sending half and the future that does its I/O.
+struct Conn {
+    tx: http1::SendRequest<Relay>,
+    driver: http1::Connection<Io, Relay>,
+    /// The driver finished (closed or failed); it must not be polled again.
+    done: bool,
+}
+
+impl Conn {
+    /// Lets the connection do whatever I/O is ready. Returns its result once it has ended.
+    fn poll_drive(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), hyper::Error>> {
+        if self.done {
+            return Poll::Ready(Ok(()));
+        }
+        let polled = Pin::new(&mut self.driver).poll(cx);
+        if polled.is_ready() {
+            self.done = true;
+        }
+        polled
+    }
+
+    /// Whether the connection can take another request right now.
+    fn reusable(&mut self, cx: &mut Context<'_>) -> bool {
+        self.poll_drive(cx).is_pending() && self.tx.is_ready()
+    }
+}
+
+struct Parked {
+    conn: Box<Conn>,
+    since: Instant,
+}
+
+/// The idle connections of one upstream, per backend, and how new ones are made.
+pub struct Pool {
+    connector: HttpsConnector<HttpConnector>,
+    /// `scheme://authority` per backend (same order as the upstream's backends): what the
+    /// connector resolves and connects to.
+    targets: Vec<Uri>,
+    idle: Vec<Mutex<Vec<Parked>>>,
+    idle_timeout: Duration,
+    max_idle: usize,
+    h1: http1::Builder,
+}
+
+impl Pool {
+    pub fn new(
+        connector: HttpsConnector<HttpConnector>,
+        backends: &[BackendAddr],
+        idle_timeout: Duration,
+        max_idle: usize,
+    ) -> Result<Arc<Self>, String> {
+        let targets = backends
+            .iter()
+            .map(|b| {
+                Uri::builder()
+                    .scheme(b.scheme.clone())
+                    .authority(b.authority.clone())
+                    .path_and_query("/")
+                    .build()
+                    .map_err(|e| format!("backend {b}: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut h1 = http1::Builder::new();
+        // Bounds the response bytes read ahead of a slow client (see conn::MAX_BUF_SIZE).
+        h1.max_buf_size(crate::conn::MAX_BUF_SIZE);
+        let pool = Arc::new(Pool {
+            connector,
+            idle: targets.iter().map(|_| Mutex::new(Vec::new())).collect(),
+            targets,
+            idle_timeout,
+            max_idle,
+            h1,
+        });
+        // Without a runtime (config checks) nothing is ever parked that needs sweeping.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(sweep(Arc::downgrade(&pool)));
+        }
+        Ok(pool)
+    }
+
+    /// Sends `req` (origin-form URI, `Host` set) to backend `backend` on a parked connection
+    /// or a new one, driving the connection until the response head arrives. The returned
+    /// lease must travel with the response body: it keeps the connection going.
+    pub async fn send(
+        self: &Arc<Self>,
+        backend: usize,
+        req: Request<Relay>,
+    ) -> Result<(Response<Incoming>, Lease), SendError> {
+        let (conn, reused) = match poll_fn(|cx| Poll::Ready(self.checkout(backend, cx))).await {
+            Some(conn) => (conn, true),
+            None => (self.connect(backend).await?, false),
+        };
+        let mut lease = Lease {
+            conn: Some(conn),
+            pool: self.clone(),
+            backend,
+        };
+        match lease.exchange(req).await {
+            Ok(resp) => Ok((resp, lease)),
+            // The parked connection was closed under us before the request went out: the
+            // request never reached the backend, so one fresh connection may take it.
+            Err(Failed::NotSent(req, _)) if reused => {
+                lease.conn = Some(self.connect(backend).await?);
+                match lease.exchange(*req).await {
+                    Ok(resp) => Ok((resp, lease)),
+                    Err(Failed::NotSent(_, e)) | Err(Failed::Sent(e)) => Err(e),
+                }
+            }
+            Err(Failed::NotSent(_, e)) | Err(Failed::Sent(e)) => Err(e),
+        }
+    }
+
+    /// Takes the most recently parked connection of `backend` that is still open.
+    fn checkout(&self, backend: usize, cx: &mut Context<'_>) -> Option<Box<Conn>> {
+        let stack = self.idle.get(backend)?;
+        loop {
+            let parked = stack.lock().ok()?.pop()?;
+            // Dropped outside the lock: closing a socket is a syscall.
+            if parked.since.elapsed() >= self.idle_timeout {
+                continue;
+            }
+            let mut conn = parked.conn;
+            // One poll reads a close the backend sent while the connection was parked.
+            if conn.reusable(cx) {
+                return Some(conn);
+            }
+        }
+    }
+
+    async fn connect(&self, backend: usize) -> Result<Box<Conn>, SendError> {
+        let target = self
+            .targets
+            .get(backend)
+            .ok_or_else(|| SendError::Connect("no such backend".into()))?
+            .clone();
+        let mut connector = self.connector.clone();
+        poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(SendError::Connect)?;
+        let io = connector.call(target).await.map_err(SendError::Connect)?;
+        let (tx, driver) = self.h1.handshake(io).await.map_err(SendError::Http)?;
+        // Boxed once per connection: it moves between pool and lease as one pointer, and a
+        // response body that carries it stays small.
+        Ok(Box::new(Conn {
+            tx,
+            driver,
+            done: false,
+        }))
+    }
+
+    fn park(&self, backend: usize, conn: Box<Conn>) {
+        let Some(stack) = self.idle.get(backend) else {
+            return;
+        };
+        let rejected = match stack.lock() {
+            Ok(mut stack) if stack.len() < self.max_idle => {
+                stack.push(Parked {
+                    conn,
+                    since: Instant::now(),
+                });
+                None
+            }
+            _ => Some(conn),
+        };
+        drop(rejected);
+    }
+
+    /// Parked connections, all backends (tests and metrics).
+    pub fn idle_count(&self) -> usize {
+        self.idle
+            .iter()
+            .map(|s| s.lock().map(|s| s.len()).unwrap_or(0))
+            .sum()
+    }
+
+    /// Closes connections parked longer than the idle timeout.
+    fn sweep_expired(&self) {
+        for stack in &self.idle {
+            let expired: Vec<Parked> = match stack.lock() {
+                Ok(mut stack) => {
+                    let keep = stack
+                        .iter()
+                        .position(|p| p.since.elapsed() < self.idle_timeout)
+                        .unwrap_or(stack.len());
+                    // The stack is in parking order: the expired ones are at the bottom.
+                    stack.drain(..keep).collect()
+                }
+                Err(_) => Vec::new(),
+            };
+            drop(expired);
+        }
+    }
+}
+
+/// Closes expired parked connections until the pool is gone, so a backend's close does not
+/// leave sockets in CLOSE_WAIT for longer than the idle timeout.
+async fn sweep(pool: Weak<Pool>) {
+    let every = match pool.upgrade() {
+        Some(p) => (p.idle_timeout / 2).clamp(Duration::from_millis(100), Duration::from_secs(1)),
+        None => return,
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match pool.upgrade() {
+            Some(p) => p.sweep_expired(),
+            None => return,
+        }
+    }
+}
+
+enum Failed {
+    /// Never written to the connection: the request comes back.
+    NotSent(Box<Request<Relay>>, SendError),
+    Sent(SendError),
+}
+
+/// An upstream connection in use by one exchange. The response body polls it (`drive`) so
+/// the connection keeps reading; when the body has ended cleanly, `release` parks it for the
+/// next request. Dropped any other way, it closes the connection, which is how an abandoned
+/// request is cancelled upstream.
+pub struct Lease {
+    conn: Option<Box<Conn>>,
+    pool: Arc<Pool>,
+    backend: usize,
+}
+
+impl Lease {
+    /// Sends `req` and drives the connection until the response head (or the end).
+    async fn exchange(&mut self, req: Request<Relay>) -> Result<Response<Incoming>, Failed> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(Failed::Sent(SendError::Closed));
+        };
+        let mut response = pin!(conn.tx.try_send_request(req));
+        let mut ended: Option<Result<(), hyper::Error>> = None;
+        let polled = poll_fn(|cx| {
+            if ended.is_none() {
+                if let Poll::Ready(r) = conn.poll_drive(cx) {
+                    ended = Some(r);
+                }
+            }
+            match response.as_mut().poll(cx) {
+                Poll::Ready(r) => Poll::Ready(Some(r)),
+                // The connection is over and answered nothing: nothing more can come.
+                Poll::Pending if ended.is_some() => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await;
+        match polled {
+            Some(Ok(resp)) => Ok(resp),
+            Some(Err(mut e)) => match e.take_message() {
+                Some(req) => Err(Failed::NotSent(
+                    Box::new(req),
+                    SendError::Http(e.into_error()),
+                )),
+                None => Err(Failed::Sent(SendError::Http(e.into_error()))),
+            },
+            None => Err(Failed::Sent(match ended {
+                Some(Err(e)) => SendError::Http(e),
+                _ => SendError::Closed,
+            })),
+        }
+    }
+
+    /// Lets the connection read and write; called before every poll of the body it feeds.
+    pub fn drive(&mut self, cx: &mut Context<'_>) {
+        if let Some(conn) = &mut self.conn {
+            // An ended connection has handed the body everything it will get.
+            let _ = conn.poll_drive(cx);
+        }
+    }
+
+    /// The response body ended cleanly: park the connection if it can take another request.
+    pub fn release(&mut self, cx: Option<&mut Context<'_>>) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        let mut noop = Context::from_waker(Waker::noop());
+        if conn.reusable(cx.unwrap_or(&mut noop)) {
+            self.pool.park(self.backend, conn);
+        }
+    }
+}
