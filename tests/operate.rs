@@ -948,8 +948,16 @@ async fn readiness_backends_and_config_follow_the_backend() {
     let (status, ready) = admin_json(addr, "/readyz", tok).await;
     assert_eq!(status, StatusCode::OK, "{ready}");
     assert_eq!(ready, json!({"ready": true, "not_ready": []}));
-    let (status, b) = admin_json(addr, "/backends", tok).await;
+    let (status, mut b) = admin_json(addr, "/backends", tok).await;
     assert_eq!(status, StatusCode::OK);
+    // 0, or 1 once the first health check's connection is parked.
+    let idle = b["upstreams"][0]["backends"][0]
+        .as_object_mut()
+        .and_then(|o| o.remove("idle_connections"));
+    assert!(
+        matches!(idle.as_ref().and_then(|v| v.as_u64()), Some(0 | 1)),
+        "{idle:?}"
+    );
     assert_eq!(
         b,
         json!({"upstreams": [{"name": "vllm", "ready": true, "queued": 0, "backends": [
@@ -975,8 +983,11 @@ async fn readiness_backends_and_config_follow_the_backend() {
         addr,
         "/backends",
         tok,
-        "the stream's slot released",
-        |_, b| b["upstreams"][0]["backends"][0]["in_flight"] == 0,
+        "the stream's slot released and its connection parked",
+        |_, b| {
+            let backend = &b["upstreams"][0]["backends"][0];
+            backend["in_flight"] == 0 && backend["idle_connections"].as_u64() >= Some(1)
+        },
     )
     .await;
 
@@ -1657,6 +1668,7 @@ callback_origin = "http://203.0.113.7:9100"
         "podproxy_backend_in_flight",
         "podproxy_backend_healthy",
         "podproxy_backend_requests",
+        "podproxy_backend_idle_connections",
         "podproxy_poc_callback_rewritten_total",
         "podproxy_poc_callback_refused_total",
         "podproxy_callbacks_relayed_total",

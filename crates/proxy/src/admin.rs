@@ -86,12 +86,14 @@ async fn handle(mut req: Request<Incoming>, shared: &Shared, gate: &Gate) -> Res
                     let backends: Vec<_> = u
                         .backends()
                         .iter()
-                        .map(|b| {
+                        .enumerate()
+                        .map(|(i, b)| {
                             json!({
                                 "url": &*b.label,
                                 "healthy": b.is_healthy(),
                                 "in_flight": b.in_flight(),
                                 "requests": b.requests(),
+                                "idle_connections": u.idle_connections_of(i),
                                 "last_error": b.last_error(),
                             })
                         })

@@ -75,6 +75,7 @@ pub struct Metrics {
     backend_in_flight: Family<BackendLabels, Gauge>,
     backend_healthy: Family<BackendLabels, Gauge>,
     backend_requests: Family<BackendLabels, Gauge>,
+    backend_idle: Family<BackendLabels, Gauge>,
     pub poc_rewritten: Counter,
     pub poc_refused: Counter,
     pub callbacks_relayed: Family<ListenerLabel, Counter>,
@@ -103,6 +104,7 @@ impl Metrics {
             backend_in_flight: Family::default(),
             backend_healthy: Family::default(),
             backend_requests: Family::default(),
+            backend_idle: Family::default(),
             poc_rewritten: Counter::default(),
             poc_refused: Counter::default(),
             callbacks_relayed: Family::default(),
@@ -170,6 +172,11 @@ impl Metrics {
             m.backend_requests.clone(),
         );
         r.register(
+            "backend_idle_connections",
+            "Keepalive connections parked for reuse",
+            m.backend_idle.clone(),
+        );
+        r.register(
             "poc_callback_rewritten",
             "PoC callback urls pointed at the Network Node",
             m.poc_rewritten.clone(),
@@ -198,8 +205,9 @@ impl Metrics {
         self.backend_in_flight.clear();
         self.backend_healthy.clear();
         self.backend_requests.clear();
+        self.backend_idle.clear();
         for u in upstreams {
-            for b in u.backends() {
+            for (i, b) in u.backends().iter().enumerate() {
                 let l = BackendLabels {
                     upstream: u.name.to_string(),
                     backend: b.label.to_string(),
@@ -213,6 +221,9 @@ impl Metrics {
                 self.backend_requests
                     .get_or_create(&l)
                     .set(b.requests() as i64);
+                self.backend_idle
+                    .get_or_create(&l)
+                    .set(u.idle_connections_of(i) as i64);
             }
         }
         let mut out = String::new();

@@ -123,9 +123,14 @@ impl Upstream {
         }
     }
 
-    /// Parked upstream connections (tests and metrics).
+    /// Parked keepalive connections, all backends.
     pub fn idle_connections(&self) -> usize {
         self.pool.idle_count()
+    }
+
+    /// Parked keepalive connections to backend `index` (same order as `backends()`).
+    pub fn idle_connections_of(&self, index: usize) -> usize {
+        self.pool.idle_count_of(index)
     }
 
     /// Sends one attempt (origin-form URI) to backend `index` and waits for the response

@@ -208,12 +208,17 @@ impl Pool {
         drop(rejected);
     }
 
-    /// Parked connections, all backends (tests and metrics).
-    pub fn idle_count(&self) -> usize {
+    /// Parked connections of backend `backend` (metrics, `/backends`).
+    pub fn idle_count_of(&self, backend: usize) -> usize {
         self.idle
-            .iter()
-            .map(|s| s.lock().map(|s| s.len()).unwrap_or(0))
-            .sum()
+            .get(backend)
+            .and_then(|s| s.lock().ok().map(|s| s.len()))
+            .unwrap_or(0)
+    }
+
+    /// Parked connections, all backends.
+    pub fn idle_count(&self) -> usize {
+        (0..self.idle.len()).map(|b| self.idle_count_of(b)).sum()
     }
 
     /// Closes connections parked longer than the idle timeout.
