@@ -93,25 +93,41 @@ struct Parts {
     meter: Option<Box<dyn Meter>>,
 }
 
+/// The idle clock runs only while the body is being waited for: it starts when a poll
+/// finds no frame and stops at the next frame. Not at creation (a request body may wait for
+/// a connection or a queue before anyone reads it), and not while the reader does not
+/// poll (a client that is slow to take the response is `send_timeout`'s business). A body
+/// whose frames are ready when polled (most small ones) never touches the timer wheel.
 struct Idle {
     limit: Duration,
-    timer: Pin<Box<Sleep>>,
-    /// The clock starts at the first poll, not at creation: a request body may wait for a
-    /// connection (or a queue) before anyone reads it.
-    armed: bool,
+    /// Made on the first wait, re-armed on each later one.
+    timer: Option<Pin<Box<Sleep>>>,
+    waiting: bool,
 }
 
 impl Idle {
     fn new(limit: Duration) -> Self {
         Idle {
             limit,
-            timer: Box::pin(tokio::time::sleep(limit)),
-            armed: false,
+            timer: None,
+            waiting: false,
         }
     }
 
-    fn reset(&mut self) {
-        self.timer.as_mut().reset(Instant::now() + self.limit);
+    /// Nothing is ready: start the clock if this wait is new, then see if it ran out.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.waiting {
+            self.waiting = true;
+            let deadline = Instant::now() + self.limit;
+            match &mut self.timer {
+                Some(timer) => timer.as_mut().reset(deadline),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        match &mut self.timer {
+            Some(timer) => timer.as_mut().poll(cx),
+            None => Poll::Pending,
+        }
     }
 }
 
@@ -175,12 +191,6 @@ impl Body for Relay {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this: &mut Parts = &mut self.0;
-        if let Some(idle) = &mut this.idle {
-            if !idle.armed {
-                idle.armed = true;
-                idle.reset();
-            }
-        }
         let polled = match &mut this.source {
             Source::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Source::Stream(body) => poll_stream(body, &mut this.idle, cx),
@@ -206,7 +216,7 @@ impl Body for Relay {
         match &out {
             Some(Ok(frame)) => {
                 if let Some(idle) = &mut this.idle {
-                    idle.reset();
+                    idle.waiting = false;
                 }
                 if let (Some(m), Some(data)) = (&mut this.meter, frame.data_ref()) {
                     m.frame(data);
@@ -255,7 +265,7 @@ fn poll_stream(
         Poll::Ready(r) => Poll::Ready(r.map(|r| r.map_err(BodyError::from))),
         Poll::Pending => match idle {
             Some(idle) => {
-                ready!(idle.timer.as_mut().poll(cx));
+                ready!(idle.poll_expired(cx));
                 Poll::Ready(Some(Err(BodyError::IdleTimeout(idle.limit))))
             }
             None => Poll::Pending,
