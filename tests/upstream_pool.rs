@@ -299,3 +299,40 @@ async fn abandoned_stream_closes_its_upstream_connection() {
     eventually("in-flight back to 0", || proxy.in_flight() == 0).await;
     proxy.shutdown().await;
 }
+
+/// An HTTP/1.0 client may leave out `Host`; the upstream hop is HTTP/1.1, which needs one,
+/// so the request goes out with the backend's authority (as hyper-util's client did).
+#[tokio::test]
+async fn request_without_host_gets_the_backends_authority() {
+    let backend = counted_backend(|req| {
+        let host = req
+            .head
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .filter(|(k, _)| k.trim().eq_ignore_ascii_case("host"))
+            .map(|(_, v)| v.trim().to_string())
+            .collect::<Vec<_>>()
+            .join("|");
+        vec![format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{host}",
+            host.len()
+        )
+        .into_bytes()]
+    })
+    .await;
+    let proxy = Proxy::start(&proxy_config(&backend.backend.url(), "")).await;
+    let r = raw_exchange(proxy.addr("main"), b"GET /whoami HTTP/1.0\r\n\r\n").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body_str(), backend.backend.addr.to_string());
+    let r = raw_exchange(
+        proxy.addr("main"),
+        b"GET /whoami HTTP/1.0\r\nHost: client.example\r\n\r\n",
+    )
+    .await;
+    assert_eq!(
+        r.body_str(),
+        "client.example",
+        "a Host the client sent is kept"
+    );
+    proxy.shutdown().await;
+}
