@@ -136,7 +136,7 @@ async fn forward(
     // Pick → send; a connect failure (nothing sent, body untouched) moves on to another
     // backend. Once an attempt may have reached the upstream, nothing is retried.
     let mut tried: Vec<usize> = Vec::new();
-    let resp = loop {
+    let (resp, lease) = loop {
         let (index, slot) = upstream.acquire(&tried).await?;
         let backend = slot.backend().clone();
         ex.backend = Some(backend.label.clone());
@@ -167,7 +167,6 @@ async fn forward(
     };
     ex.ttfb = Some(ex.started.elapsed());
 
-    let (resp, lease) = resp;
     let (mut parts, body) = resp.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
     let is_sse = parts

@@ -3,7 +3,6 @@
 //! marked down by its 404); a 5xx, an error or no answer within the timeout is a failure.
 
 use super::backend::Backend;
-use super::pool::SendError;
 use super::Upstream;
 use crate::body::Relay;
 use http::{header, HeaderValue, Request};
@@ -42,7 +41,7 @@ pub async fn run(up: Arc<Upstream>) {
 
 async fn check(up: Arc<Upstream>, index: usize, b: Arc<Backend>) {
     let cfg = &up.cfg.health;
-    let result = tokio::time::timeout(cfg.timeout, probe(&up, index, &b)).await;
+    let result = tokio::time::timeout(cfg.timeout, probe(&up, index)).await;
     let outcome = match result {
         Ok(r) => r,
         Err(_) => Err(format!(
@@ -53,22 +52,15 @@ async fn check(up: Arc<Upstream>, index: usize, b: Arc<Backend>) {
     b.health_result(&up.name, outcome, cfg.failures, cfg.successes);
 }
 
-async fn probe(up: &Upstream, index: usize, b: &Backend) -> Result<(), String> {
+async fn probe(up: &Upstream, index: usize) -> Result<(), String> {
     let mut req = Request::get(up.cfg.health.path.as_str())
         .body(Relay::empty())
         .map_err(|e| format!("bad health-check request: {e}"))?;
-    if let Ok(host) = HeaderValue::from_str(b.addr.authority.as_str()) {
-        req.headers_mut().insert(header::HOST, host);
-    }
     req.headers_mut().insert(
         header::USER_AGENT,
         HeaderValue::from_static("podproxy-health"),
     );
-    let (resp, lease) = up.pool.send(index, req).await.map_err(|e| match e {
-        SendError::Connect(e) => super::error_chain(&*e),
-        SendError::Http(e) => super::error_chain(&e),
-        SendError::Closed => "connection closed before the response".into(),
-    })?;
+    let (resp, lease) = up.pool.send(index, req).await.map_err(|e| e.detail())?;
     let status = resp.status();
     // Read the (small) body so the connection goes back to the pool.
     let body = Relay::upstream(resp.into_body(), lease, up.cfg.health.timeout);

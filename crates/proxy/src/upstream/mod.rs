@@ -8,7 +8,7 @@ use crate::body::Relay;
 use crate::config::UpstreamConfig;
 use crate::error::ProxyError;
 use backend::{take_least_loaded, Backend, InFlight, NoSlot, Waiters};
-use http::{header, HeaderValue, Request, Response};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use pool::{Lease, Pool, SendError};
@@ -134,25 +134,19 @@ impl Upstream {
     }
 
     /// Sends one attempt (origin-form URI) to backend `index` and waits for the response
-    /// head; the lease must travel with the response body. A request without `Host` (an
-    /// HTTP/1.0 client) gets the backend's authority. Feeds passive health: a connect
+    /// head; the lease must travel with the response body. Feeds passive health: a connect
     /// failure or a reset before any response byte ejects the backend; missed first-byte
     /// deadlines count toward the stuck-engine guard.
     pub async fn send(
         &self,
         index: usize,
-        mut req: Request<Relay>,
+        req: Request<Relay>,
     ) -> Result<(Response<Incoming>, Lease), ProxyError> {
         let Some(backend) = self.backends.get(index) else {
             return Err(ProxyError::NoHealthyBackend {
                 upstream: self.name.to_string(),
             });
         };
-        if !req.headers().contains_key(header::HOST) {
-            if let Ok(host) = HeaderValue::from_str(backend.addr.authority.as_str()) {
-                req.headers_mut().insert(header::HOST, host);
-            }
-        }
         let (limit, stuck_guard) = match self.cfg.first_byte_timeout {
             Some(fb) if fb < self.cfg.response_timeout => (fb, true),
             _ => (self.cfg.response_timeout, false),
@@ -163,8 +157,8 @@ impl Upstream {
                 backend.first_byte_ok(upstream);
                 Ok(resp)
             }
-            Ok(Err(SendError::Connect(e))) => {
-                let detail = error_chain(&*e);
+            Ok(Err(e @ SendError::Connect(_))) => {
+                let detail = e.detail();
                 backend.mark_down(upstream, &format!("connect failed: {detail}"));
                 Err(ProxyError::Connect {
                     upstream: upstream.to_string(),
@@ -173,11 +167,8 @@ impl Upstream {
                 })
             }
             Ok(Err(e)) => {
-                let (detail, by_body) = match &e {
-                    SendError::Http(e) => (error_chain(e), caused_by_request_body(e)),
-                    SendError::Closed => ("connection closed before the response".into(), false),
-                    SendError::Connect(_) => (String::new(), false),
-                };
+                let detail = e.detail();
+                let by_body = matches!(&e, SendError::Http(h) if caused_by_request_body(h));
                 // A connection closed or reset before the response head may be a keepalive
                 // close racing our request (the backend is fine) or a crash: it counts as one
                 // failed health observation, so `health.failures` of them in a row eject the

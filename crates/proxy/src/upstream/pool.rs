@@ -13,7 +13,7 @@
 
 use crate::body::Relay;
 use crate::config::BackendAddr;
-use http::{Request, Response, Uri};
+use http::{header, HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
@@ -39,6 +39,17 @@ pub enum SendError {
     Http(hyper::Error),
     /// The connection ended without an answer and without an error.
     Closed,
+}
+
+impl SendError {
+    /// The reason, for log lines, health state and error bodies.
+    pub fn detail(&self) -> String {
+        match self {
+            SendError::Connect(e) => super::error_chain(&**e),
+            SendError::Http(e) => super::error_chain(e),
+            SendError::Closed => "connection closed before the response".into(),
+        }
+    }
 }
 
 /// One upstream connection: the sending half and the future that does its I/O.
@@ -79,6 +90,9 @@ pub struct Pool {
     /// `scheme://authority` per backend (same order as the upstream's backends): what the
     /// connector resolves and connects to.
     targets: Vec<Uri>,
+    /// `Host` per backend, for requests that come without one (HTTP/1.0 clients, health
+    /// checks): the upstream hop is HTTP/1.1, which requires it.
+    hosts: Vec<HeaderValue>,
     idle: Vec<Mutex<Vec<Parked>>>,
     idle_timeout: Duration,
     max_idle: usize,
@@ -103,6 +117,12 @@ impl Pool {
                     .map_err(|e| format!("backend {b}: {e}"))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let hosts = backends
+            .iter()
+            .map(|b| {
+                HeaderValue::from_str(b.authority.as_str()).map_err(|e| format!("backend {b}: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let mut h1 = http1::Builder::new();
         // Bounds the response bytes read ahead of a slow client (see conn::MAX_BUF_SIZE).
         h1.max_buf_size(crate::conn::MAX_BUF_SIZE);
@@ -110,6 +130,7 @@ impl Pool {
             connector,
             idle: targets.iter().map(|_| Mutex::new(Vec::new())).collect(),
             targets,
+            hosts,
             idle_timeout,
             max_idle,
             h1,
@@ -121,14 +142,20 @@ impl Pool {
         Ok(pool)
     }
 
-    /// Sends `req` (origin-form URI, `Host` set) to backend `backend` on a parked connection
-    /// or a new one, driving the connection until the response head arrives. The returned
-    /// lease must travel with the response body: it keeps the connection going.
+    /// Sends `req` (origin-form URI) to backend `backend` on a parked connection or a new
+    /// one, driving the connection until the response head arrives. A request without
+    /// `Host` gets the backend's authority. The returned lease must travel with the
+    /// response body: it keeps the connection going.
     pub async fn send(
         self: &Arc<Self>,
         backend: usize,
-        req: Request<Relay>,
+        mut req: Request<Relay>,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
+        if !req.headers().contains_key(header::HOST) {
+            if let Some(host) = self.hosts.get(backend) {
+                req.headers_mut().insert(header::HOST, host.clone());
+            }
+        }
         let (conn, reused) = match poll_fn(|cx| Poll::Ready(self.checkout(backend, cx))).await {
             Some(conn) => (conn, true),
             None => (self.connect(backend).await?, false),
@@ -146,10 +173,10 @@ impl Pool {
                 lease.conn = Some(self.connect(backend).await?);
                 match lease.exchange(*req).await {
                     Ok(resp) => Ok((resp, lease)),
-                    Err(Failed::NotSent(_, e)) | Err(Failed::Sent(e)) => Err(e),
+                    Err(failed) => Err(failed.into_error()),
                 }
             }
-            Err(Failed::NotSent(_, e)) | Err(Failed::Sent(e)) => Err(e),
+            Err(failed) => Err(failed.into_error()),
         }
     }
 
@@ -262,6 +289,14 @@ enum Failed {
     /// Never written to the connection: the request comes back.
     NotSent(Box<Request<Relay>>, SendError),
     Sent(SendError),
+}
+
+impl Failed {
+    fn into_error(self) -> SendError {
+        match self {
+            Failed::NotSent(_, e) | Failed::Sent(e) => e,
+        }
+    }
 }
 
 /// An upstream connection in use by one exchange. The response body polls it (`drive`) so
