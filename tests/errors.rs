@@ -396,6 +396,7 @@ async fn default_timeouts_never_cut_a_long_gonka_call() {
     // And a slow call through the default layout succeeds.
     let mlnode = MlnodeSim::start(MlnodeConfig {
         inference_up_delay: Duration::from_secs(3),
+        ..Default::default()
     })
     .await
     .unwrap();

@@ -28,6 +28,9 @@ pub struct MlnodeConfig {
     /// How long `POST /api/v1/inference/up` blocks before answering (the real one waits
     /// for vLLM to start: minutes). Default 0.
     pub inference_up_delay: Duration,
+    /// Answer JSON-body endpoints 422 when the request has no JSON `Content-Type`, as
+    /// FastAPI ≥ 0.132 (newer mlnode images) does. Default off (older images).
+    pub strict_content_type: bool,
 }
 
 struct State {
@@ -80,6 +83,23 @@ impl MlnodeSim {
     }
 }
 
+/// Endpoints whose FastAPI handler takes a pydantic body.
+fn has_pydantic_body(method: &Method, path: &str) -> bool {
+    matches!(
+        (method, path),
+        (
+            &Method::POST,
+            "/api/v1/inference/up"
+                | "/api/v1/inference/up/async"
+                | "/api/v1/pow/init/generate"
+                | "/api/v1/pow/init/validate"
+                | "/api/v1/pow/validate"
+                | "/api/v1/inference/pow/init/generate"
+                | "/api/v1/inference/pow/generate"
+        ) | (&Method::DELETE, "/api/v1/models")
+    )
+}
+
 async fn handle(st: Arc<State>, req: Request<Incoming>) -> hyper::Response<TkBody> {
     let at = Instant::now();
     let (parts, body) = req.into_parts();
@@ -90,9 +110,14 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> hyper::Response<TkBod
             return resp;
         }
     };
-    st.recorder.push(Recorded::new(&parts, body, at));
+    st.recorder.push(Recorded::new(&parts, body.clone(), at));
 
     let ok = || server::json(StatusCode::OK, &json!({"status": "OK"}));
+    if st.cfg.strict_content_type && has_pydantic_body(&parts.method, parts.uri.path()) {
+        if let Some(resp) = server::fastapi_content_type_check(&parts.headers, &body) {
+            return resp;
+        }
+    }
     match (&parts.method, parts.uri.path()) {
         (&Method::GET, "/api/v1/state") => {
             server::json(StatusCode::OK, &json!({"state": "STOPPED"}))

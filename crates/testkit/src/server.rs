@@ -147,6 +147,42 @@ pub(crate) fn not_found() -> Response<TkBody> {
     )
 }
 
+/// FastAPI ≥ 0.132 (and so vLLM ≥ 0.20's API server and newer mlnode images) parses a
+/// pydantic body only when the request says `Content-Type: application/json` (or another
+/// `*/json` / `*+json` type); without one it answers 422 with the body as a string in the
+/// error's `input`. `None` when the request may be parsed.
+pub(crate) fn fastapi_content_type_check(
+    headers: &http::HeaderMap,
+    body: &[u8],
+) -> Option<Response<TkBody>> {
+    let json_type = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            let main = v
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            main == "application/json"
+                || (main.starts_with("application/") && main.ends_with("+json"))
+        })
+        .unwrap_or(false);
+    if json_type {
+        return None;
+    }
+    Some(json(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        &serde_json::json!({"detail": [{
+            "type": "model_attributes_type",
+            "loc": ["body"],
+            "msg": "Input should be a valid dictionary or object to extract fields from",
+            "input": String::from_utf8_lossy(body),
+        }]}),
+    ))
+}
+
 /// Reads a whole request body up to `limit` bytes; the error is a ready-made 413/400 response.
 pub(crate) async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, Response<TkBody>> {
     match Limited::new(body, limit).collect().await {

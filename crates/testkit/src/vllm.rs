@@ -49,6 +49,9 @@ pub struct VllmConfig {
     pub prefill: Duration,
     /// Model id reported everywhere (default `Qwen/Qwen3-32B-FP8`).
     pub model: String,
+    /// Answer POSTs 422 when they have no JSON `Content-Type`, as vLLM ≥ 0.20's API server
+    /// (FastAPI ≥ 0.132) does. Default off (older vLLM).
+    pub strict_content_type: bool,
 }
 
 impl Default for VllmConfig {
@@ -58,6 +61,7 @@ impl Default for VllmConfig {
             tokens: 16,
             prefill: Duration::ZERO,
             model: "Qwen/Qwen3-32B-FP8".to_owned(),
+            strict_content_type: false,
         }
     }
 }
@@ -288,6 +292,11 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> hyper::Response<TkBod
     st.recorder.push(Recorded::new(&parts, body.clone(), at));
 
     let path = parts.uri.path();
+    if st.cfg.strict_content_type && parts.method == Method::POST {
+        if let Some(resp) = server::fastapi_content_type_check(&parts.headers, &body) {
+            return resp;
+        }
+    }
     match (&parts.method, path) {
         (&Method::GET, "/health") => {
             server::response(StatusCode::OK, "application/json", crate::client::empty())

@@ -78,6 +78,7 @@ async fn mlnode_endpoints() {
 async fn inference_up_waits_for_the_delay() {
     let sim = MlnodeSim::start(MlnodeConfig {
         inference_up_delay: Duration::from_millis(80),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -125,4 +126,37 @@ async fn sink_records_and_answers_configured_status() {
     assert_eq!(&all[0].body[..], &body[..]);
     assert_eq!(all[0].body_sha256(), testkit::data::sha256_hex(&body));
     assert_eq!(all[1].method, "PUT");
+}
+
+#[tokio::test]
+async fn strict_mode_answers_422_without_a_json_content_type_as_fastapi_does() {
+    let sim = MlnodeSim::start(MlnodeConfig {
+        strict_content_type: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let url = format!("{}/api/v1/inference/up", sim.url());
+    let body = r#"{"model":"Qwen/Qwen3-32B-FP8","dtype":"auto","additional_args":[]}"#;
+    let (st, _, text) = send(&client(), "POST", &url, &[], testkit::client::full(body)).await;
+    assert_eq!(st.as_u16(), 422, "{text:?}");
+    let (st, _, _) = send(
+        &client(),
+        "POST",
+        &url,
+        &[("content-type", "application/json")],
+        testkit::client::full(body),
+    )
+    .await;
+    assert_eq!(st.as_u16(), 200);
+    // GETs have no pydantic body.
+    let (st, _, _) = send(
+        &client(),
+        "GET",
+        &format!("{}/api/v1/state", sim.url()),
+        &[],
+        testkit::client::empty(),
+    )
+    .await;
+    assert_eq!(st.as_u16(), 200);
 }
