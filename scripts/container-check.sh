@@ -2,10 +2,12 @@
 # The real image under a real engine (podman with runc): builds the Dockerfile's final stage
 # from the static binary already built on the host (no registry, nothing pulled), prints its
 # size and fails above 10 MB, runs it with the embedded default config against simulated
-# backends on the host (--network host), and checks: /readyz answers, a PoC-port request and
+# backends on the host (--network host), and checks: /readyz answers; a PoC-port request and
 # a stream pass (the stream without Content-Type, to a vLLM that answers such a request 422
-# as current FastAPI does: the embedded default adds the header), podproxy is PID 1 with uid 65532, and SIGTERM during a stream lets the
-# stream finish and exits 0 within the grace period. Everything it creates is removed by
+# as current FastAPI does: the embedded default adds the header); podproxy is PID 1 with
+# uid 65532; SIGTERM during a stream lets the stream finish and exits 0 within the grace
+# period. Then /metrics the documented way: admin API on all interfaces inside the container
+# with a token, published on the host's loopback only. Everything it creates is removed by
 # name at the end, also on failure. Needs root and podman (scripts/container-setup.sh).
 # Usage: scripts/container-check.sh <static podproxy-sim binary>
 #   (the image is built from target/x86_64-unknown-linux-musl/release/podproxy)
@@ -16,12 +18,13 @@ sim=${1:?static podproxy-sim binary}
 bin=target/x86_64-unknown-linux-musl/release/podproxy
 image=localhost/podproxy-ci:check
 name=podproxy-ci-image
+admin_name=podproxy-ci-image-admin
 max_bytes=10000000
 work=$(mktemp -d)
 simpid=""
 cleanup() {
   [ -n "$simpid" ] && kill -9 "$simpid" 2>/dev/null || true
-  podman rm -f -t 0 "$name" >/dev/null 2>&1 || true
+  podman rm -f -t 0 "$name" "$admin_name" >/dev/null 2>&1 || true
   remove_built
   rm -rf "$work"
 }
@@ -34,7 +37,7 @@ fail() {
 [ -x "$bin" ] || fail "$bin missing: cargo build --release --target x86_64-unknown-linux-musl --bin podproxy"
 static_or_fail "$bin"
 # Leftovers of an interrupted run.
-podman rm -f -t 0 "$name" >/dev/null 2>&1 || true
+podman rm -f -t 0 "$name" "$admin_name" >/dev/null 2>&1 || true
 podman rmi -f "$image" >/dev/null 2>&1 || true
 
 echo "-- podman build (final stage from the prebuilt static binary)"
@@ -99,4 +102,23 @@ code=$(podman inspect --format '{{.State.ExitCode}}' "$name")
 [ "$code" = 0 ] || fail "exit status $code after SIGTERM"
 [ "$took" -le 30 ] || fail "exit took ${took}s, longer than the 30 s grace period"
 podman logs "$name" 2>&1 | grep -q 'SIGTERM received' || fail "SIGTERM was not handled by podproxy"
-echo "container check: image $size bytes (limit $max_bytes); embedded default under podman: /readyz 200, request + stream proxied, PID 1 as uid 65532, SIGTERM mid-stream -> stream complete, exit 0 in ${took}s"
+# Metrics the documented way (docs/containers.md): on a bridge network, the admin API bound to
+# all interfaces inside the container with a token, published on the host's loopback only.
+adm=$(free_port)
+tok=ci-admin-token-0123456789abcdef
+podman run -d --name "$admin_name" -p "127.0.0.1:$adm:9901" \
+  -e PODPROXY_ADMIN_BIND=0.0.0.0:9901 -e PODPROXY_ADMIN_TOKEN="$tok" "$image" >/dev/null || fail "podman run (admin)"
+[ "$(podman port "$admin_name" 9901/tcp)" = "127.0.0.1:$adm" ] || fail "admin not published on loopback: $(podman port "$admin_name")"
+code=""
+for _ in $(seq 1 100); do
+  code=$(curl -s -o "$work/metrics" -w '%{http_code}' --max-time 2 -H "Authorization: Bearer $tok" "http://127.0.0.1:$adm/metrics" || true)
+  [ "$code" = 200 ] && break
+  [ "$(podman inspect --format '{{.State.Running}}' "$admin_name")" = true ] || { name=$admin_name; fail "admin container exited"; }
+  sleep 0.1
+done
+[ "$code" = 200 ] && grep -q '^podproxy_' "$work/metrics" || { name=$admin_name; fail "/metrics through 127.0.0.1:$adm: $code"; }
+[ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://127.0.0.1:$adm/metrics")" = 401 ] \
+  || { name=$admin_name; fail "/metrics without the admin token is not refused"; }
+podman rm -f -t 0 "$admin_name" >/dev/null
+
+echo "container check: image $size bytes (limit $max_bytes); embedded default under podman: /readyz 200, request + stream proxied, PID 1 as uid 65532, SIGTERM mid-stream -> stream complete, exit 0 in ${took}s; /metrics with the admin token on 127.0.0.1:$adm"
