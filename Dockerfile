@@ -11,7 +11,8 @@
 
 # `build` compiles in the builder stage below; `prebuilt` takes
 # target/x86_64-unknown-linux-musl/release/podproxy from the build context. Either way the
-# one final stage at the bottom is the image.
+# one final stage at the bottom is the image. BuildKit (Docker's default builder since 23.0)
+# and podman skip the stage not selected; Docker's legacy builder would run both.
 ARG PODPROXY_BINARY=build
 
 FROM docker.io/library/rust:1.95-bookworm AS build

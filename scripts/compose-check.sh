@@ -41,6 +41,8 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
+trap "exit 130" INT
+trap "exit 143" TERM
 fail() {
   echo "compose check FAILED: $*"
   echo "--- podman-compose output (tail)"; tail -n 20 "$work/compose.log" 2>/dev/null || true

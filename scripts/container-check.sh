@@ -29,6 +29,8 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
+trap "exit 130" INT
+trap "exit 143" TERM
 fail() {
   echo "container check FAILED: $*"
   echo "--- podman logs $name"; podman logs "$name" 2>&1 | tail -n 40 || true

@@ -23,6 +23,8 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
+trap "exit 130" INT
+trap "exit 143" TERM
 fail() {
   echo "runpod start.sh check FAILED: $*"
   echo "--- start.sh output"; tail -n 30 "$work/out" 2>/dev/null || true
