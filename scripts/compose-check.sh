@@ -75,7 +75,7 @@ for _ in $(seq 1 150); do
   sleep 0.2
 done
 [ -n "$ready" ] || fail "/readyz on 127.0.0.1:$admin did not answer 200 within 30 s"
-podman logs "$inference" 2>&1 | head -n 5 | grep -q '/etc/podproxy/podproxy.toml' \
+podman logs "$inference" 2>&1 | head -n 8 | grep -q '/etc/podproxy/podproxy.toml' \
   || fail "the first log lines do not name the mounted config /etc/podproxy/podproxy.toml"
 [ "$(podman port "$inference" 9901/tcp)" = "127.0.0.1:$admin" ] || fail "admin port not published on loopback only: $(podman port "$inference")"
 
