@@ -35,9 +35,10 @@ def env_of(service):
     return dict(e.split("=", 1) if "=" in e else (e, None) for e in env)
 
 
-def mounted_config(service, where):
-    """The config file `service` runs: mounted read-only from beside the compose file."""
-    cmd = service["command"]
+def mounted_config(service, where, cmd=None):
+    """The config file `service` runs (`cmd`, default its own command): mounted read-only from
+    beside the compose file."""
+    cmd = cmd or service["command"]
     if cmd[:2] != ["run", "--config"]:
         fail(f"{where}: command {cmd} must be run --config <mounted file>")
     mounts = {v.split(":")[1]: v.split(":")[0] for v in service["volumes"]}
@@ -119,7 +120,11 @@ if raw.get("admin", {}).get("bind") != "0.0.0.0:9901":
 # The mTLS overlay: it runs the config beside it, which podproxy accepts with the certificates
 # where the overlay mounts them (made here by openssl exactly as Gonka does).
 overlay = yaml.safe_load(open(os.path.join(deploy, "docker-compose.mtls.yml")))["services"]["inference"]
-mtls_path, omounts = mounted_config(overlay, "mTLS overlay")
+if "command" in overlay:
+    fail("the mTLS overlay must not set command (podman-compose 1.0 appends it to the base one)")
+mtls_path, omounts = mounted_config(overlay, "mTLS overlay", inf["command"])
+if os.path.basename(mtls_path) != "podproxy-mtls.toml":
+    fail(f"the mTLS overlay must mount podproxy-mtls.toml over the base config, not {mtls_path}")
 oenv = env_of(overlay)
 if oenv.get("CERT_DIR") not in omounts or omounts[oenv["CERT_DIR"]] != "./certs":
     fail("overlay CERT_DIR must be the certificate folder mounted from ./certs")

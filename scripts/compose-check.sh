@@ -9,7 +9,9 @@
 # (both straight to the vLLM ports); /metrics answers on the host's loopback. Then it
 # recreates the mlnode container (new address) while a bounded client loop runs: requests in
 # the gap get 502/503 quickly, never hang, and once the new container is healthy every
-# request succeeds. Everything it creates is removed by name at the end, also on failure.
+# request succeeds. Last, the same stack with the mTLS overlay and Gonka-style certificates:
+# both ports accept the DAPI's certificate only, and PoC callbacks point at the relay.
+# Everything it creates is removed by name at the end, also on failure.
 # Needs root, podman and podman-compose (scripts/container-setup.sh).
 # Usage: scripts/compose-check.sh <static podproxy-sim binary>
 #   (podproxy's image is built from target/x86_64-unknown-linux-musl/release/podproxy)
@@ -26,9 +28,9 @@ inference=${project}_inference_1
 network=${project}_default
 work=$(mktemp -d)
 client=""
+files=(-f "$PWD/deploy/compose/docker-compose.yml" -f "$PWD/scripts/compose-sim.override.yml")
 compose() {
-  timeout 120 podman-compose -p "$project" -f "$PWD/deploy/compose/docker-compose.yml" \
-    -f "$PWD/scripts/compose-sim.override.yml" "$@" >>"$work/compose.log" 2>&1
+  timeout 120 podman-compose -p "$project" "${files[@]}" "$@" >>"$work/compose.log" 2>&1
 }
 remove_stack() {
   podman rm -f -t 0 "$inference" "$mlnode" >/dev/null 2>&1 || true
@@ -207,4 +209,41 @@ for t in ("poc", "inference"):
     ok_before = sum(1 for x in before if x[0] == t)
     print(f"  {t}: {ok_before} ok before, {len(cut)} cut at the removal, {len(gap_answers)} answered {'/'.join(codes)} in the gap (slowest {slow} ms), {len(healthy)} ok after")
 PY
-echo "compose check: podman-compose stack (podproxy + mlnode simulator): config named at start, PoC callback rewritten with Content-Type added, /v3.0.8/ stripped, streams on both ports, /metrics on 127.0.0.1:$admin, mlnode recreated at a new address ($old_ip -> $new_ip) found with only quick 502/503 in the gap"
+echo "-- the mTLS overlay (Gonka-style certificates, pinned)"
+remove_stack
+mkdir "$work/certs"
+for n in dapi mlnode; do
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 36500 -subj "/CN=gonka-$n" \
+    -addext "subjectAltName=DNS:api,DNS:localhost,IP:127.0.0.1" -addext "basicConstraints=critical,CA:TRUE" \
+    -addext "keyUsage=critical,digitalSignature,keyCertSign" -addext "extendedKeyUsage=serverAuth,clientAuth" \
+    -keyout "$work/certs/$n.key" -out "$work/certs/$n.crt" 2>/dev/null || fail "openssl req"
+done
+chmod 0644 "$work/certs/"*   # read by uid 65532 in the container
+files+=(-f "$PWD/deploy/compose/docker-compose.mtls.yml" -f "$PWD/scripts/compose-sim.mtls.override.yml")
+export MLNODE_SIM_CERTS=$work/certs NETWORK_NODE=203.0.113.7
+compose up -d || fail "podman-compose up (mTLS)"
+tls=(--cacert "$work/certs/mlnode.crt" --cert "$work/certs/dapi.crt" --key "$work/certs/dapi.key")
+ok=""
+for _ in $(seq 1 150); do
+  state=$(curl -s --max-time 2 "${tls[@]}" "https://127.0.0.1:$poc/v3.0.8/api/v1/state" || true)
+  [ "$state" = '{"state":"STOPPED"}' ] && { ok=1; break; }
+  sleep 0.2
+done
+[ -n "$ok" ] || fail "https PoC port with the DAPI's certificate did not answer within 30 s: $state"
+curl -s --max-time 5 --cacert "$work/certs/mlnode.crt" "https://127.0.0.1:$poc/api/v1/state" >/dev/null 2>&1 \
+  && fail "the PoC port answered without a client certificate"
+curl -s --max-time 5 --cacert "$work/certs/mlnode.crt" --cert "$work/certs/mlnode.crt" --key "$work/certs/mlnode.key" \
+  "https://127.0.0.1:$poc/api/v1/state" >/dev/null 2>&1 && fail "the PoC port answered a certificate that is not the DAPI's"
+stream=$(curl -sN --max-time 20 "${tls[@]}" -H 'Content-Type:' -d '{"stream":true,"messages":[]}' "https://127.0.0.1:$inf/v1/chat/completions")
+[ "$(grep -c '^data: {' <<<"$stream")" = 8 ] && grep -q '^data: \[DONE\]' <<<"$stream" || fail "https stream: $stream"
+r=$(curl -s --max-time 10 "${tls[@]}" -H 'Content-Type:' -w ' %{http_code}' -d "$body" \
+  "https://127.0.0.1:$poc/v3.0.8/api/v1/inference/pow/init/generate")
+[ "$r" = '{"status":"OK"} 200' ] || fail "PoC start over mTLS: $r"
+seen=""
+for _ in $(seq 1 50); do
+  mlnode_requests | grep -q 'http://inference:9100/v2/poc-batches/Qwen%252FQwen3-32B-FP8' && { seen=1; break; }
+  sleep 0.1
+done
+[ -n "$seen" ] || fail "the PoC start over mTLS did not reach the mlnode with its callback pointed at the relay (http://inference:9100)"
+
+echo "compose check: podman-compose stack (podproxy + mlnode simulator): config named at start, PoC callback rewritten with Content-Type added, /v3.0.8/ stripped, streams on both ports, /metrics on 127.0.0.1:$admin, mlnode recreated at a new address ($old_ip -> $new_ip) found with only quick 502/503 in the gap; mTLS overlay: pinned client certificate on both ports, PoC callback pointed at the relay"
