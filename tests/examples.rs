@@ -128,8 +128,16 @@ fn compose_deployment_configs_pass_check() {
         }
         let (ok, stdout, stderr) = check(path.to_str());
         assert!(ok, "{}: {stderr}", path.display());
-        assert!(stdout.contains("mlnode-308:8080"), "{}: {stdout}", path.display());
+        assert!(
+            stdout.contains("mlnode-308:8080"),
+            "{}: {stdout}",
+            path.display()
+        );
         checked.push(path);
     }
-    assert_eq!(checked.len(), 2, "podproxy.toml and podproxy-mtls.toml: {checked:?}");
+    assert_eq!(
+        checked.len(),
+        2,
+        "podproxy.toml and podproxy-mtls.toml: {checked:?}"
+    );
 }
