@@ -2,11 +2,13 @@
 # Supervision of config/runpod/start.sh, run as shipped with the real podproxy and a stand-in
 # `uvicorn` on PATH (the mlnode image cannot be pulled here): the stand-in runs the testkit
 # mlnode simulator on the port start.sh gives it and records the signals it gets. Checks:
-# 1. the PoC port is taken: podproxy cannot bind, the script stops the mlnode and exits with
-#    podproxy's non-zero status;
-# 2. the mlnode dies (SIGKILL) during a stream: podproxy is stopped with SIGTERM, the stream
+# 1. the PoC port is taken: the script exits non-zero naming the busy address, and no mlnode
+#    is left running;
+# 2. podproxy dies (SIGKILL): the mlnode gets SIGTERM, the script exits with podproxy's
+#    status (137);
+# 3. the mlnode dies (SIGKILL) during a stream: podproxy is stopped with SIGTERM, the stream
 #    still finishes (drain), the script exits with the mlnode's status (137);
-# 3. SIGTERM to the script during a stream: it reaches both, the stream finishes, the script
+# 4. SIGTERM to the script during a stream: it reaches both, the stream finishes, the script
 #    exits 0.
 # Every wait is bounded; every process it starts is killed by pid at the end.
 # Usage: scripts/runpod-start-check.sh <podproxy binary> <podproxy-sim binary>
@@ -102,17 +104,28 @@ grep -q held "$work/held" || fail "could not hold port $blocked"
 POC_PORT_OVERRIDE=$blocked run_start
 wait_exit 20
 [ "$status" -ne 0 ] || fail "start.sh exited 0 although podproxy could not bind $blocked"
-grep -q "podproxy exited with status $status" "$work/out" || fail "start.sh did not exit with podproxy's status ($status)"
-# The stand-in may get SIGTERM before its own trap is set (podproxy fails within
-# milliseconds); what matters is that no mlnode is left running.
+grep -q "0.0.0.0:$blocked" "$work/out" || fail "the output does not name the busy address 0.0.0.0:$blocked"
+# start.sh checks the config (and the ports) before starting anything; should the mlnode have
+# been started, it must not be left running.
 for _ in $(seq 1 50); do
   [ -f "$work/standin.pid" ] && kill -0 "$(cat "$work/standin.pid")" 2>/dev/null || break
   sleep 0.1
 done
 [ -f "$work/standin.pid" ] && kill -0 "$(cat "$work/standin.pid")" 2>/dev/null && fail "the mlnode was left running"
-echo "   exit $status (podproxy's), mlnode stopped"
+echo "   exit $status, the busy address named, no mlnode left running"
 
-echo "-- 2. the mlnode dies during a stream"
+echo "-- 2. podproxy dies"
+run_start
+wait_up
+proxy=$(pgrep -P "$script" -x podproxy) || fail "cannot find podproxy under start.sh"
+kill -9 "$proxy"
+wait_exit 20
+[ "$status" = 137 ] || fail "start.sh exited $status after podproxy was killed, expected its status 137"
+grep -q "podproxy exited with status 137" "$work/out" || fail "start.sh did not report podproxy's exit"
+grep -q TERM "$work/standin.signals" 2>/dev/null || fail "the mlnode was not stopped with SIGTERM"
+echo "   exit 137 (podproxy's), mlnode got SIGTERM"
+
+echo "-- 3. the mlnode dies during a stream"
 run_start
 wait_up
 start_stream
@@ -123,7 +136,7 @@ stream_complete
 grep -q 'SIGTERM received' "$work/out" || fail "podproxy did not get SIGTERM"
 echo "   exit 137 (the mlnode's), podproxy drained the stream"
 
-echo "-- 3. SIGTERM to the script during a stream"
+echo "-- 4. SIGTERM to the script during a stream"
 run_start
 wait_up
 start_stream
@@ -133,4 +146,4 @@ stream_complete
 [ "$status" = 0 ] || fail "start.sh exited $status after SIGTERM, expected 0"
 grep -q TERM "$work/standin.signals" 2>/dev/null || fail "the mlnode did not get SIGTERM"
 grep -q 'SIGTERM received' "$work/out" || fail "podproxy did not get SIGTERM"
-echo "runpod start.sh check: PoC port taken -> exit non-zero with podproxy's status, mlnode stopped; mlnode killed -> podproxy drained, exit 137; SIGTERM -> both stopped, stream drained, exit 0"
+echo "runpod start.sh check: PoC port taken -> exit non-zero naming it; podproxy killed -> mlnode stopped, exit 137; mlnode killed -> podproxy drained, exit 137; SIGTERM -> both stopped, stream drained, exit 0"

@@ -4,6 +4,8 @@
 # own compatibility server takes 5000 once vLLM is up; vLLM servers use 5001, 5002, ...).
 #
 # Supervision, so a restart policy sees every failure:
+# - a bad config or a busy port: `podproxy check` fails and the script exits with its status
+#   before anything starts;
 # - either process ends on its own: the other is stopped (podproxy with SIGTERM, so it drains
 #   its streams), and the script exits non-zero with the status of the one that ended first
 #   (1 if that status was 0);
