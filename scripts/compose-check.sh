@@ -77,11 +77,15 @@ for _ in $(seq 1 150); do
   sleep 0.2
 done
 [ -n "$ready" ] || fail "/readyz on 127.0.0.1:$admin did not answer 200 within 30 s"
-podman logs "$inference" 2>&1 | head -n 8 | grep -q '/etc/podproxy/podproxy.toml' \
+# (Output into variables before grep -q: an early exit would kill the writer, and pipefail
+# would turn that into a failure.)
+first_lines=$(podman logs "$inference" 2>&1 | sed -n '1,8p')
+[[ "$first_lines" == *'"config":"/etc/podproxy/podproxy.toml"'* ]] \
   || fail "the first log lines do not name the mounted config /etc/podproxy/podproxy.toml"
 [ "$(podman port "$inference" 9901/tcp)" = "127.0.0.1:$admin" ] || fail "admin port not published on loopback only: $(podman port "$inference")"
 
 mlnode_requests() { podman logs "$mlnode" 2>/dev/null | sed -n 's/^request //p'; }
+mlnode_received() { local r; r=$(mlnode_requests); grep -q -- "$1" <<<"$r"; }
 
 # PoC v2 start the way the DAPI sends it: version prefix, JSON body, no Content-Type, and the
 # Docker-internal callback url.
@@ -91,7 +95,7 @@ r=$(curl -s --max-time 10 -H 'Content-Type:' -w ' %{http_code}' -d "$body" \
 [ "$r" = '{"status":"OK"} 200' ] || fail "PoC start: $r"
 seen=""
 for _ in $(seq 1 50); do
-  mlnode_requests | grep -q '"/api/v1/inference/pow/init/generate"' && { seen=1; break; }
+  mlnode_received '"/api/v1/inference/pow/init/generate"' && { seen=1; break; }
   sleep 0.1
 done
 [ -n "$seen" ] || fail "the mlnode did not print the PoC start"
@@ -113,8 +117,8 @@ sys.exit("no PoC start recorded")
 
 state=$(curl -s --max-time 10 -w ' %{http_code}' "http://127.0.0.1:$poc/v3.0.8/api/v1/state")
 [ "$state" = '{"state":"STOPPED"} 200' ] || fail "/v3.0.8/api/v1/state: $state"
-mlnode_requests | grep -q '"target":"/api/v1/state"' || fail "the mlnode did not receive /api/v1/state (prefix not stripped)"
-mlnode_requests | grep -q 'v3.0.8' && fail "a /v3.0.8/ prefix reached the mlnode"
+mlnode_received '"target":"/api/v1/state"' || fail "the mlnode did not receive /api/v1/state (prefix not stripped)"
+mlnode_received 'v3.0.8' && fail "a /v3.0.8/ prefix reached the mlnode"
 
 for url in "http://127.0.0.1:$inf/v1/chat/completions" "http://127.0.0.1:$poc/v3.0.8/v1/chat/completions"; do
   stream=$(curl -sN --max-time 20 -H 'Content-Type:' -d '{"stream":true,"messages":[{"role":"user","content":"hi"}]}' "$url")
@@ -241,7 +245,7 @@ r=$(curl -s --max-time 10 "${tls[@]}" -H 'Content-Type:' -w ' %{http_code}' -d "
 [ "$r" = '{"status":"OK"} 200' ] || fail "PoC start over mTLS: $r"
 seen=""
 for _ in $(seq 1 50); do
-  mlnode_requests | grep -q 'http://inference:9100/v2/poc-batches/Qwen%252FQwen3-32B-FP8' && { seen=1; break; }
+  mlnode_received 'http://inference:9100/v2/poc-batches/Qwen%252FQwen3-32B-FP8' && { seen=1; break; }
   sleep 0.1
 done
 [ -n "$seen" ] || fail "the PoC start over mTLS did not reach the mlnode with its callback pointed at the relay (http://inference:9100)"

@@ -103,7 +103,8 @@ wait "$client" || fail "the in-flight stream failed during the drain (curl $?)"
 code=$(podman inspect --format '{{.State.ExitCode}}' "$name")
 [ "$code" = 0 ] || fail "exit status $code after SIGTERM"
 [ "$took" -le 30 ] || fail "exit took ${took}s, longer than the 30 s grace period"
-podman logs "$name" 2>&1 | grep -q 'SIGTERM received' || fail "SIGTERM was not handled by podproxy"
+logs=$(podman logs "$name" 2>&1)
+grep -q 'SIGTERM received' <<<"$logs" || fail "SIGTERM was not handled by podproxy"
 # Metrics the documented way (docs/containers.md): on a bridge network, the admin API bound to
 # all interfaces inside the container with a token, published on the host's loopback only.
 adm=$(free_port)
