@@ -4,8 +4,8 @@
 //! otherwise fail at the first handshake.
 
 use super::{
-    defaults, file, invalid, AdminConfig, BackendAddr, Config, ConfigError, GateConfig,
-    HealthConfig, ListenerConfig, LogFormat, RouteConfig, ServerConfig, UpstreamConfig,
+    defaults, file, invalid, AdminConfig, BackendAddr, BalanceConfig, Config, ConfigError,
+    GateConfig, HealthConfig, ListenerConfig, LogFormat, RouteConfig, ServerConfig, UpstreamConfig,
 };
 use crate::poc::{self, PocConfig};
 use std::net::SocketAddr;
@@ -439,7 +439,9 @@ fn validate_upstream(
             Some(tls)
         }
     };
+    let balance = validate_balance(&key, u.balance)?;
     Ok(UpstreamConfig {
+        balance,
         tls,
         max_concurrent: u.max_concurrent,
         queue_size: u.queue_size.unwrap_or(defaults::QUEUE_SIZE),
@@ -465,6 +467,70 @@ fn validate_upstream(
             .max_idle_per_backend
             .unwrap_or(defaults::MAX_IDLE_PER_BACKEND),
         name,
+    })
+}
+
+fn validate_balance(key: &str, b: file::BalanceSection) -> Result<BalanceConfig, ConfigError> {
+    let key = format!("{key}.balance");
+    let d = BalanceConfig::default();
+    let positive = |v: Option<Duration>, def: Duration, field: &str| match v {
+        Some(v) if v.is_zero() => Err(invalid(format!("{key}.{field}"), "must be above zero")),
+        Some(v) => Ok(v),
+        None => Ok(def),
+    };
+    let scrape_interval = positive(b.scrape_interval, d.scrape_interval, "scrape_interval")?;
+    // The timeout defaults to the interval: a scrape never overlaps the next one.
+    let scrape_timeout = positive(b.scrape_timeout, scrape_interval, "scrape_timeout")?;
+    if scrape_timeout > scrape_interval {
+        return Err(invalid(
+            format!("{key}.scrape_timeout"),
+            format!(
+                "{} is longer than scrape_interval ({})",
+                humantime::format_duration(scrape_timeout),
+                humantime::format_duration(scrape_interval)
+            ),
+        ));
+    }
+    let metrics_path = b.metrics_path.unwrap_or(d.metrics_path);
+    if !metrics_path.starts_with('/') {
+        return Err(invalid(
+            format!("{key}.metrics_path"),
+            format!("{metrics_path:?} must start with /"),
+        ));
+    }
+    let max_scrape_bytes = b.max_scrape_bytes.unwrap_or(d.max_scrape_bytes);
+    if max_scrape_bytes < 1024 {
+        return Err(invalid(
+            format!("{key}.max_scrape_bytes"),
+            "must be at least 1024",
+        ));
+    }
+    let affinity_prefix_bytes = b.affinity_prefix_bytes.unwrap_or(d.affinity_prefix_bytes);
+    if !(64..=defaults::MAX_AFFINITY_PREFIX_BYTES).contains(&affinity_prefix_bytes) {
+        return Err(invalid(
+            format!("{key}.affinity_prefix_bytes"),
+            format!(
+                "must be between 64 and {}",
+                defaults::MAX_AFFINITY_PREFIX_BYTES
+            ),
+        ));
+    }
+    let affinity_margin = b.affinity_margin.unwrap_or(d.affinity_margin);
+    if !affinity_margin.is_finite() || affinity_margin < 0.0 {
+        return Err(invalid(
+            format!("{key}.affinity_margin"),
+            "must be a number of at least 0",
+        ));
+    }
+    Ok(BalanceConfig {
+        signals: b.signals.unwrap_or(false),
+        metrics_path,
+        scrape_interval,
+        scrape_timeout,
+        max_scrape_bytes,
+        affinity: b.affinity.unwrap_or(false),
+        affinity_prefix_bytes,
+        affinity_margin,
     })
 }
 
