@@ -271,3 +271,175 @@ async fn backends_and_metrics_show_the_signals_their_age_and_scrape_errors() {
         h.abort();
     }
 }
+
+/// Index of the simulator that received the last proxied request.
+fn last_target(sims: &[VllmSim]) -> usize {
+    let mut best: Option<(std::time::Instant, usize)> = None;
+    for (i, s) in sims.iter().enumerate() {
+        for r in s.recorder().all() {
+            if r.header("x-via").as_deref() == Some("proxy") && best.is_none_or(|(t, _)| r.at > t) {
+                best = Some((r.at, i));
+            }
+        }
+    }
+    best.map(|(_, i)| i).expect("a proxied request")
+}
+
+/// One conversation of a tenant: the same system prompt and first question, a growing
+/// history.
+fn tenant_turn(tenant: &str, turn: usize, max_tokens: u64) -> String {
+    let mut messages = vec![
+        json!({"role": "system", "content": format!("You are {tenant}'s assistant. Be brief.")}),
+        json!({"role": "user", "content": "first question"}),
+    ];
+    for t in 0..turn {
+        messages.push(json!({"role": "assistant", "content": format!("answer {t}")}));
+        messages.push(json!({"role": "user", "content": format!("follow-up {t}")}));
+    }
+    json!({"model": "m", "max_tokens": max_tokens, "messages": messages}).to_string()
+}
+
+#[tokio::test]
+async fn a_tenant_stays_on_its_replica_until_it_is_overloaded() {
+    let sims = [
+        VllmSim::start(gpu_sim_config(1)).await.unwrap(),
+        VllmSim::start(gpu_sim_config(1)).await.unwrap(),
+        VllmSim::start(gpu_sim_config(1)).await.unwrap(),
+        VllmSim::start(gpu_sim_config(1)).await.unwrap(),
+    ];
+    let urls: Vec<String> = sims.iter().map(|s| s.url()).collect();
+    let proxy = Proxy::start(&config(
+        &urls,
+        "max_concurrent = 2\nbalance = { signals = true, affinity = true, scrape_interval = \"1s\" }",
+        false,
+    ))
+    .await;
+    let up = proxy.upstreams[0].clone();
+    let url = proxy.url("main");
+    let client = http_client();
+
+    // Every turn of the conversation goes to one replica, whatever the others' load.
+    one_request(&client, &url, tenant_turn("acme", 0, 1)).await;
+    let home = last_target(&sims);
+    for turn in 1..6 {
+        one_request(&client, &url, tenant_turn("acme", turn, 1)).await;
+        assert_eq!(last_target(&sims), home, "turn {turn} left its replica");
+    }
+    let counts = up.affinity_counts();
+    assert_eq!(counts.hits.load(std::sync::atomic::Ordering::Relaxed), 6);
+
+    // Overloaded, 1: its replica is at max_concurrent (two long streams of the tenant).
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (client, url) = (client.clone(), url.clone());
+        held.push(tokio::spawn(async move {
+            let _ = client
+                .request(post(&url, tenant_turn("acme", 0, 100_000)))
+                .await;
+        }));
+    }
+    let home_backend = up.backends()[home].clone();
+    eventually("the tenant's replica at its cap", || {
+        home_backend.in_flight() == 2
+    })
+    .await;
+    one_request(&client, &url, tenant_turn("acme", 6, 1)).await;
+    assert_ne!(
+        last_target(&sims),
+        home,
+        "the load guard moves a full replica's tenant"
+    );
+    assert_eq!(
+        counts
+            .overrides_full
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    for h in held.drain(..) {
+        h.abort();
+    }
+    eventually("the long streams released", || {
+        home_backend.in_flight() == 0
+    })
+    .await;
+    one_request(&client, &url, tenant_turn("acme", 7, 1)).await;
+    assert_eq!(last_target(&sims), home, "back home once it has room");
+
+    // Overloaded, 2: the engine behind it has a queue (other clients), so its score is far
+    // above the others' (more than the margin).
+    let direct = occupy(&sims[home], 2).await;
+    let backends = up.backends().to_vec();
+    eventually("fresh signals showing the queue", || {
+        let now = std::time::Instant::now();
+        backends.iter().enumerate().all(|(i, b)| {
+            b.signals().is_some_and(|s| {
+                proxy::upstream::score::is_fresh(&s, now, Duration::from_secs(1))
+                    && (i != home || s.waiting >= 2.0)
+            })
+        })
+    })
+    .await;
+    one_request(&client, &url, tenant_turn("acme", 8, 1)).await;
+    assert_ne!(
+        last_target(&sims),
+        home,
+        "the load guard leaves a queued engine"
+    );
+    assert_eq!(
+        counts
+            .overrides_margin
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    for h in direct {
+        h.abort();
+    }
+}
+
+#[tokio::test]
+async fn bodies_without_a_prompt_take_the_plain_policy_and_every_body_arrives_whole() {
+    let a = VllmSim::start(VllmConfig::default()).await.unwrap();
+    let b = VllmSim::start(VllmConfig::default()).await.unwrap();
+    let proxy = Proxy::start(&config(
+        &[a.url(), b.url()],
+        "balance = { affinity = true, affinity_prefix_bytes = 1024 }",
+        false,
+    ))
+    .await;
+    let client = http_client();
+    let url = proxy.url("main");
+    // Same key four times: one backend.
+    for _ in 0..4 {
+        one_request(&client, &url, tenant_turn("acme", 0, 1)).await;
+    }
+    let sims = [a, b];
+    let home = last_target(&sims);
+    assert_eq!(via_proxy(&sims[home]), 4);
+    // No prompt (a JSON object without messages/prompt): rotation as before.
+    let before: Vec<usize> = sims.iter().map(via_proxy).collect();
+    for n in 0..4 {
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(format!("{url}/v1/completions"))
+            .header("x-via", "proxy")
+            .body(full(format!("{{\"max_tokens\": {n}}}")))
+            .unwrap();
+        let (parts, _) = send(&client, req).await;
+        assert_eq!(parts.status, StatusCode::OK);
+    }
+    let after: Vec<usize> = sims.iter().map(via_proxy).collect();
+    assert_eq!([after[0] - before[0], after[1] - before[1]], [2, 2]);
+    // A body far beyond the prefix that is read: relayed byte for byte.
+    let long = "word ".repeat(40_000);
+    let body = json!({"model": "m", "max_tokens": 1, "messages": [
+        {"role": "system", "content": long}, {"role": "user", "content": "q"}]})
+    .to_string();
+    let sent = body.clone();
+    one_request(&client, &url, body).await;
+    let got = sims
+        .iter()
+        .filter_map(|s| s.recorder().last())
+        .find(|r| r.body_len == sent.len() as u64)
+        .expect("the long body arrived");
+    assert_eq!(got.body, sent.as_bytes());
+}

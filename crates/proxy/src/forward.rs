@@ -120,6 +120,7 @@ async fn forward(
         .check_request(path_and_query.path(), &mut parts.headers)?;
     prepare_request_headers(&mut parts, peer, ctx.proto)?;
     let idle = upstream.cfg.idle_timeout;
+    let mut prompt_key = None;
     let body = if poc_body {
         let bytes = ctx
             .poc
@@ -129,6 +130,16 @@ async fn forward(
         RequestBody::Full(bytes)
     } else if body.is_end_stream() {
         RequestBody::Full(Bytes::new())
+    } else if upstream.cfg.balance.affinity
+        && crate::upstream::affinity::may_have_prompt(&parts.method, &parts.headers)
+    {
+        // Prefix affinity (docs/balancing.md): the prompt's opening picks the backend.
+        let limit = upstream.cfg.balance.affinity_prefix_bytes;
+        let (pre, key) = crate::upstream::affinity::prefetch_key(body, limit, idle)
+            .await
+            .map_err(|e| ProxyError::RequestBody(e.to_string()))?;
+        prompt_key = key;
+        RequestBody::Stream(Replayable::prefetched(pre))
     } else {
         RequestBody::Stream(Replayable::new(body))
     };
@@ -137,7 +148,7 @@ async fn forward(
     // backend. Once an attempt may have reached the upstream, nothing is retried.
     let mut tried: Vec<usize> = Vec::new();
     let (resp, lease) = loop {
-        let (index, slot) = upstream.acquire(&tried).await?;
+        let (index, slot) = upstream.acquire_for(&tried, prompt_key).await?;
         let backend = slot.backend().clone();
         ex.backend = Some(backend.label.clone());
         ex.slot = Some(slot);

@@ -21,6 +21,42 @@ use std::hash::Hasher;
 /// Bytes of a completions `prompt` that make its key.
 pub const PROMPT_KEY_BYTES: usize = 1024;
 
+/// Whether a request may carry a prompt: a POST whose Content-Type is JSON or absent (the
+/// DAPI sends none). Everything else is not read at all.
+pub fn may_have_prompt(method: &http::Method, headers: &http::HeaderMap) -> bool {
+    method == http::Method::POST
+        && headers.get(http::header::CONTENT_TYPE).is_none_or(|v| {
+            let v = v.as_bytes();
+            v.len() >= 16 && v[..16].eq_ignore_ascii_case(b"application/json")
+        })
+}
+
+/// Reads up to `limit` bytes of a streamed request body (the rest stays unread; all of it
+/// is relayed later, the read frames first) and computes the prompt key from them.
+pub async fn prefetch_key(
+    body: hyper::body::Incoming,
+    limit: usize,
+    idle: std::time::Duration,
+) -> Result<(crate::body::Prefetched, Option<u64>), crate::body::BodyError> {
+    let mut pre = crate::body::Prefetched::read(body, limit, idle, |_| false).await?;
+    let frames = pre.frames();
+    let key = match frames {
+        [one] => prompt_key(&one[..one.len().min(limit)]),
+        many => {
+            let mut joined = Vec::with_capacity(limit);
+            for f in many {
+                let room = limit - joined.len();
+                joined.extend_from_slice(&f[..f.len().min(room)]);
+                if joined.len() == limit {
+                    break;
+                }
+            }
+            prompt_key(&joined)
+        }
+    };
+    Ok((pre, key))
+}
+
 /// The prompt key of a request body prefix, if it has one.
 pub fn prompt_key(prefix: &[u8]) -> Option<u64> {
     let mut found = Found::default();
@@ -281,6 +317,24 @@ mod tests {
         assert_eq!(prompt_key(&a), prompt_key(&b));
         let short = serde_json::to_vec(&json!({"prompt": "é".repeat(600)})).unwrap_or_default();
         assert!(prompt_key(&short).is_some(), "cut on a char boundary");
+    }
+
+    #[test]
+    fn only_json_or_untyped_posts_are_read() {
+        use http::{header, HeaderMap, HeaderValue, Method};
+        let mut h = HeaderMap::new();
+        assert!(may_have_prompt(&Method::POST, &h));
+        assert!(!may_have_prompt(&Method::GET, &h));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=utf-8"),
+        );
+        assert!(may_have_prompt(&Method::POST, &h));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("multipart/form-data"),
+        );
+        assert!(!may_have_prompt(&Method::POST, &h));
     }
 
     #[test]
