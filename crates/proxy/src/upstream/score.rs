@@ -12,6 +12,9 @@ pub const WAITING_WEIGHT: f64 = 4.0;
 /// Weight of a full KV cache (usage 1.0): near full, the engine queues or preempts new
 /// requests even with decode slots free.
 pub const KV_WEIGHT: f64 = 8.0;
+/// KV usage below this costs nothing: vLLM admits new requests freely until the cache is
+/// nearly full, and a replica holding long prompts is no slower for the next request.
+pub const KV_KNEE: f64 = 0.8;
 
 /// What one scrape of a backend's `/metrics` said, and podproxy's in-flight count for that
 /// backend when the answer arrived.
@@ -54,12 +57,17 @@ pub fn bumped(s: &Signals, in_flight_now: usize) -> (f64, f64) {
     (running, waiting)
 }
 
-/// `score = running + 4 × waiting + 8 × kv_usage`, with running and waiting bumped by
-/// podproxy's in-flight change since the scrape. Lower is better; one idle slot's worth
-/// of difference is 1.
+/// `score = running + 4 × waiting + 8 × max(0, (kv_usage − 0.8) / 0.2)`, with running and
+/// waiting bumped by podproxy's in-flight change since the scrape. Lower is better; one
+/// running request's worth of difference is 1.
 pub fn score(s: &Signals, in_flight_now: usize) -> f64 {
     let (running, waiting) = bumped(s, in_flight_now);
-    running + WAITING_WEIGHT * waiting + KV_WEIGHT * s.kv_usage.clamp(0.0, 1.0)
+    running + WAITING_WEIGHT * waiting + KV_WEIGHT * kv_pressure(s.kv_usage)
+}
+
+/// 0 up to the knee, then linear to 1 at a full cache.
+pub fn kv_pressure(kv_usage: f64) -> f64 {
+    ((kv_usage.clamp(0.0, 1.0) - KV_KNEE) / (1.0 - KV_KNEE)).max(0.0)
 }
 
 /// One backend the request may go to (healthy, not already tried), with its load in
@@ -201,7 +209,11 @@ mod tests {
     fn score_weights_waiting_and_kv_pressure_over_running() {
         assert_eq!(score(&sig(0.0, 0.0, 0.0, 0), 0), 0.0);
         assert_eq!(score(&sig(3.0, 0.0, 0.0, 0), 0), 3.0);
-        assert_eq!(score(&sig(3.0, 2.0, 0.5, 0), 0), 3.0 + 8.0 + 4.0);
+        assert_eq!(score(&sig(3.0, 2.0, 0.5, 0), 0), 3.0 + 8.0);
+        // KV usage counts only near full: 0.9 is half-way from the knee to full.
+        assert!((score(&sig(3.0, 2.0, 0.9, 0), 0) - (3.0 + 8.0 + 4.0)).abs() < 1e-9);
+        assert_eq!(kv_pressure(0.8), 0.0);
+        assert_eq!(kv_pressure(1.0), 1.0);
         // One queued request outweighs three running ones.
         assert!(score(&sig(0.0, 1.0, 0.0, 0), 0) > score(&sig(3.0, 0.0, 0.0, 0), 0));
         // Out-of-range KV usage is clamped, negative counts are treated as zero.
