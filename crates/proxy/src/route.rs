@@ -11,6 +11,11 @@ pub struct Route {
     pub upstream: usize,
     pub strip_prefix: bool,
     pub poc: bool,
+    /// Add `Content-Type: application/json` to header-less JSON bodies.
+    pub json_content_type: bool,
+    /// The prefix is itself a version segment (`/v3.0.13/`): on a version-stripping
+    /// listener it is matched before the strip, so side-by-side mlnode versions work.
+    pub versioned: bool,
     /// The prefix as a shared string: the route's metrics label.
     pub label: std::sync::Arc<str>,
 }
@@ -41,6 +46,8 @@ impl RouteTable {
                     upstream: upstream_index(&r.upstream)?,
                     strip_prefix: r.strip_prefix,
                     poc: r.poc,
+                    json_content_type: r.json_content_type,
+                    versioned: version_segment_len(&r.prefix).is_some(),
                     label: r.prefix.as_str().into(),
                 })
             })
@@ -59,7 +66,14 @@ impl RouteTable {
 
     /// Routes a raw `path?query` (origin-form request-target).
     pub fn resolve(&self, path_and_query: &str) -> Option<Matched<'_>> {
-        let target = if self.strip_version_prefix {
+        // A route for one version (an upgrade running side by side) wins over the strip.
+        let raw_path = split_query(path_and_query).0;
+        let versioned = self.strip_version_prefix
+            && self
+                .routes
+                .iter()
+                .any(|r| r.versioned && raw_path.starts_with(&r.prefix));
+        let target = if self.strip_version_prefix && !versioned {
             strip_version_segment(path_and_query)
         } else {
             std::borrow::Cow::Borrowed(path_and_query)
@@ -92,18 +106,31 @@ pub fn split_query(target: &str) -> (&str, &str) {
 /// collapsed, `.` and `..` segments resolved. Used only to *decide* (PoC guard, blocked
 /// paths), never to forward: `/api/v1/pow/init/%67enerate` must not slip past a check
 /// that uvicorn's decoding would then route to `/api/v1/pow/init/generate`.
-pub fn normalize_for_match(path: &str) -> String {
+pub fn normalize_for_match(path: &str) -> std::borrow::Cow<'_, str> {
     normalize(path, true)
 }
 
 /// Like `normalize_for_match` but keeps `..` segments: a server that does not resolve
 /// them (uvicorn does not) routes `/a/train/../x` under `/a/train/`, so a block rule must
 /// look at both forms.
-pub fn normalize_keep_dot_dot(path: &str) -> String {
+pub fn normalize_keep_dot_dot(path: &str) -> std::borrow::Cow<'_, str> {
     normalize(path, false)
 }
 
-fn normalize(path: &str, resolve_dot_dot: bool) -> String {
+/// A path with nothing to decode, no empty segment and no dot segment is already in
+/// normal form: the common case costs no allocation.
+fn already_normal(path: &str) -> bool {
+    path.starts_with('/') && !path.contains(['%']) && !path.contains("//") && !path.contains("/.")
+}
+
+fn normalize(path: &str, resolve_dot_dot: bool) -> std::borrow::Cow<'_, str> {
+    if already_normal(path) {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    std::borrow::Cow::Owned(normalize_slow(path, resolve_dot_dot))
+}
+
+fn normalize_slow(path: &str, resolve_dot_dot: bool) -> String {
     let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
     let mut segments: Vec<&str> = Vec::new();
     for seg in decoded.split('/') {
@@ -174,6 +201,7 @@ mod tests {
             bind: "127.0.0.1:0".parse().unwrap(),
             strip_version_prefix: strip_version,
             max_connections: 1,
+            max_connections_per_source: None,
             header_timeout: std::time::Duration::from_secs(1),
             send_timeout: std::time::Duration::from_secs(1),
             routes: routes
@@ -183,6 +211,7 @@ mod tests {
                     upstream: u.to_string(),
                     strip_prefix: *s,
                     poc: false,
+                    json_content_type: false,
                 })
                 .collect(),
             tls: None,
@@ -201,6 +230,25 @@ mod tests {
     }
 
     #[test]
+    fn the_no_allocation_path_agrees_with_full_normalisation() {
+        for p in [
+            "/",
+            "/api/v1/state",
+            "/api/v1/state/",
+            "/v1/chat/completions",
+            "/api/v1/train",
+            "/a-b_c~d/e:f@g",
+        ] {
+            assert!(already_normal(p), "{p}");
+            assert_eq!(normalize_slow(p, true), p);
+            assert_eq!(normalize_slow(p, false), p);
+        }
+        for p in ["/a//b", "/a/./b", "/a/../b", "/%61", "/a/.", "x", "/.env"] {
+            assert!(!already_normal(p), "{p}");
+        }
+    }
+
+    #[test]
     fn longest_prefix_wins_regardless_of_order() {
         let t = table(false, &[("/", "mlnode", false), ("/v1/", "vllm", false)]);
         assert_eq!(
@@ -212,6 +260,39 @@ mod tests {
             Some((0, "/api/v1/state".into()))
         );
         assert_eq!(resolve(&t, "/v1"), Some((0, "/v1".into())));
+    }
+
+    #[test]
+    fn a_version_route_wins_over_the_generic_strip() {
+        let t = table(
+            true,
+            &[
+                ("/v3.0.13/", "vllm", true),
+                ("/v1/", "vllm", false),
+                ("/", "mlnode", false),
+            ],
+        );
+        assert_eq!(
+            resolve(&t, "/v3.0.13/api/v1/state?x=1"),
+            Some((1, "/api/v1/state?x=1".into()))
+        );
+        assert_eq!(
+            resolve(&t, "/v3.0.8/api/v1/state"),
+            Some((0, "/api/v1/state".into()))
+        );
+        assert_eq!(
+            resolve(&t, "/api/v1/state"),
+            Some((0, "/api/v1/state".into()))
+        );
+        // Another version, or a longer one that merely starts alike, takes the strip.
+        assert_eq!(
+            resolve(&t, "/v3.0.130/api/v1/state"),
+            Some((0, "/api/v1/state".into()))
+        );
+        assert_eq!(
+            resolve(&t, "/v3.0.8/v1/models"),
+            Some((1, "/v1/models".into()))
+        );
     }
 
     #[test]
