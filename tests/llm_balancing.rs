@@ -121,11 +121,11 @@ async fn a_replica_with_a_queue_is_avoided_when_signals_are_on() {
     let busy = VllmSim::start(gpu_sim_config(1)).await.unwrap();
     let idle = VllmSim::start(gpu_sim_config(1)).await.unwrap();
     let held = occupy(&busy, 2).await;
-    // A long interval: a loaded test machine must not let the signals go stale (2 s)
-    // between the wait below and the requests.
+    // A long interval: a loaded test machine must not let the signals go stale (2
+    // intervals) between the wait below and the requests. The first scrape runs at start.
     let proxy = Proxy::start(&config(
         &[busy.url(), idle.url()],
-        "balance = { signals = true, scrape_interval = \"1s\" }",
+        "balance = { signals = true, scrape_interval = \"5s\" }",
         false,
     ))
     .await;
@@ -310,7 +310,8 @@ async fn a_tenant_stays_on_its_replica_until_it_is_overloaded() {
     let urls: Vec<String> = sims.iter().map(|s| s.url()).collect();
     let proxy = Proxy::start(&config(
         &urls,
-        "max_concurrent = 2\nbalance = { signals = true, affinity = true, scrape_interval = \"1s\" }",
+        // A long interval, so signals stay fresh (10 s) on a loaded machine.
+        "max_concurrent = 2\nbalance = { signals = true, affinity = true, scrape_interval = \"5s\" }",
         false,
     ))
     .await;
@@ -373,7 +374,7 @@ async fn a_tenant_stays_on_its_replica_until_it_is_overloaded() {
         let now = std::time::Instant::now();
         backends.iter().enumerate().all(|(i, b)| {
             b.signals().is_some_and(|s| {
-                proxy::upstream::score::is_fresh(&s, now, Duration::from_secs(1))
+                proxy::upstream::score::is_fresh(&s, now, Duration::from_secs(5))
                     && (i != home || s.waiting >= 2.0)
             })
         })
