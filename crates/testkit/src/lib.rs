@@ -10,6 +10,8 @@
 //! - [`record`]: what each server received, byte for byte, with event-driven waiting.
 //! - [`vllm`]: an OpenAI-compatible vLLM server that streams SSE tokens on a schedule and
 //!   counts generations abandoned by the peer.
+//! - [`gpu`]: the vLLM simulator's GPU-like mode (decode slots, KV budget, waiting queue,
+//!   prefix cache, vLLM's `/metrics`), for comparing balancing policies.
 //! - [`mlnode`]: Gonka's mlnode management / PoC API.
 //! - [`echo`]: a generic backend (echo, byte generator, sink, status, SSE, hang).
 //! - [`sink`]: the Network Node's PoC callback server.
@@ -20,6 +22,7 @@
 pub mod client;
 pub mod data;
 pub mod echo;
+pub mod gpu;
 pub mod mlnode;
 pub mod record;
 mod server;

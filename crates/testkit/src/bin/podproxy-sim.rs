@@ -3,7 +3,10 @@
 //!
 //! Usage: podproxy-sim [--vllm ADDR]... [--mlnode ADDR]... [--sink ADDR] [--echo ADDR]
 //!                     [--token-interval-ms N] [--tokens N] [--strict-content-type]
-//!                     [--print-requests]
+//!                     [--print-requests] [--gpu-slots N] [--kv-tokens N]
+//!                     [--prefill-us-per-token N]
+//! Any `--gpu-*`/`--kv-tokens`/`--prefill-us-per-token` flag puts the vLLM simulators in
+//! their GPU-like mode (testkit::gpu), with defaults for the others.
 //! Prints one line per server, `<kind> http://<addr>`, then `ready`, then runs until
 //! SIGTERM/SIGINT. `--strict-content-type` makes the mlnode and vLLM simulators answer a
 //! JSON body without `Content-Type` 422, as current FastAPI does. `--print-requests` prints
@@ -18,7 +21,7 @@ use testkit::vllm::{VllmConfig, VllmSim};
 use testkit::Recorder;
 
 fn usage(msg: &str) -> ! {
-    eprintln!("podproxy-sim: {msg}\nusage: podproxy-sim [--vllm ADDR]... [--mlnode ADDR] [--sink ADDR] [--echo ADDR] [--token-interval-ms N] [--tokens N] [--strict-content-type] [--print-requests]");
+    eprintln!("podproxy-sim: {msg}\nusage: podproxy-sim [--vllm ADDR]... [--mlnode ADDR] [--sink ADDR] [--echo ADDR] [--token-interval-ms N] [--tokens N] [--strict-content-type] [--print-requests] [--gpu-slots N] [--kv-tokens N] [--prefill-us-per-token N]");
     std::process::exit(2)
 }
 
@@ -62,6 +65,17 @@ async fn main() {
             "--echo" => echo = Some(addr()),
             "--token-interval-ms" => cfg.token_interval = Duration::from_millis(num()),
             "--tokens" => cfg.tokens = num() as usize,
+            "--gpu-slots" => {
+                cfg.gpu.get_or_insert_with(Default::default).decode_slots = num() as usize
+            }
+            "--kv-tokens" => {
+                cfg.gpu.get_or_insert_with(Default::default).kv_tokens = num() as usize
+            }
+            "--prefill-us-per-token" => {
+                cfg.gpu
+                    .get_or_insert_with(Default::default)
+                    .prefill_per_token = Duration::from_micros(num())
+            }
             other => usage(&format!("unknown flag {other}")),
         }
     }
