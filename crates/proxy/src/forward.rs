@@ -120,6 +120,20 @@ async fn forward(
         .check_request(path_and_query.path(), &mut parts.headers)?;
     prepare_request_headers(&mut parts, peer, ctx.proto)?;
     let idle = upstream.cfg.idle_timeout;
+    if let Some(lc) = crate::longcall::applies(
+        matched.route.long_call,
+        &parts.method,
+        path_and_query.path(),
+    ) {
+        let metrics = ctx.series.metrics();
+        let query = path_and_query.query();
+        return crate::longcall::inference_up(upstream, lc, parts, query, body, ex, metrics).await;
+    }
+    let sniff =
+        crate::sse_keepalive::candidate(matched.route.sse_keepalive, &parts.method, &parts.headers)
+            .filter(|_| !poc_body);
+    // Set once the body says `"stream": true`.
+    let mut keepalive = None;
     let body = if poc_body {
         let bytes = ctx
             .poc
@@ -129,6 +143,11 @@ async fn forward(
         RequestBody::Full(bytes)
     } else if body.is_end_stream() {
         RequestBody::Full(Bytes::new())
+    } else if let Some(every) = sniff {
+        let bytes = crate::sse_keepalive::read_body(body, idle).await?;
+        ex.bytes_in.store(bytes.len() as u64, Ordering::Relaxed);
+        keepalive = crate::sse_keepalive::is_stream_request(&bytes).then_some(every);
+        RequestBody::Full(bytes)
     } else {
         RequestBody::Stream(Replayable::new(body))
     };
@@ -156,7 +175,20 @@ async fn forward(
                 attempt.headers_mut().insert(header::HOST, host);
             }
         }
-        match upstream.send(index, attempt).await {
+        let sent = match keepalive {
+            Some(every) => {
+                let counters = crate::sse_keepalive::Counters::new(ctx.series.metrics(), ex);
+                match crate::sse_keepalive::send(upstream, index, attempt, every, counters).await {
+                    crate::sse_keepalive::Sent::Head(r) => r,
+                    crate::sse_keepalive::Sent::KeepAlive(resp) => {
+                        ex.start_sse();
+                        return Ok(resp);
+                    }
+                }
+            }
+            None => upstream.send(index, attempt).await,
+        };
+        match sent {
             Ok(resp) => break resp,
             Err(e @ ProxyError::Connect { .. }) if !last_chance && body.replayable() => {
                 tracing::info!(upstream = &*upstream.name, "{e}; trying another backend");

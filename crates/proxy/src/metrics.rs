@@ -80,6 +80,8 @@ pub struct Metrics {
     pub poc_refused: Counter,
     pub callbacks_relayed: Family<ListenerLabel, Counter>,
     pub reloads: Family<ResultLabel, Counter>,
+    /// Long-call mode and SSE keep-alive (`longcall`, `sse_keepalive`).
+    pub long_calls: crate::longcall::LongCallMetrics,
 }
 
 impl Default for Metrics {
@@ -109,6 +111,7 @@ impl Metrics {
             poc_refused: Counter::default(),
             callbacks_relayed: Family::default(),
             reloads: Family::default(),
+            long_calls: Default::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -196,6 +199,7 @@ impl Metrics {
             "Config reloads by result",
             m.reloads.clone(),
         );
+        m.long_calls.register(r);
         m
     }
 

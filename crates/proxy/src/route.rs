@@ -11,6 +11,10 @@ pub struct Route {
     pub upstream: usize,
     pub strip_prefix: bool,
     pub poc: bool,
+    /// Long-call mode for `inference/up` (`longcall`), when on.
+    pub long_call: Option<crate::longcall::LongCallConfig>,
+    /// SSE keep-alive interval (`sse_keepalive`), when on.
+    pub sse_keepalive: Option<std::time::Duration>,
     /// The prefix as a shared string: the route's metrics label.
     pub label: std::sync::Arc<str>,
 }
@@ -41,6 +45,8 @@ impl RouteTable {
                     upstream: upstream_index(&r.upstream)?,
                     strip_prefix: r.strip_prefix,
                     poc: r.poc,
+                    long_call: r.inference_up_async,
+                    sse_keepalive: r.sse_keepalive,
                     label: r.prefix.as_str().into(),
                 })
             })
@@ -183,6 +189,9 @@ mod tests {
                     upstream: u.to_string(),
                     strip_prefix: *s,
                     poc: false,
+                    inference_up: Default::default(),
+                    inference_up_async: None,
+                    sse_keepalive: None,
                 })
                 .collect(),
             tls: None,

@@ -137,6 +137,17 @@ pub struct RouteConfig {
     pub strip_prefix: bool,
     /// Body of PoC init/generate requests goes through the callback guard (`[poc]`).
     pub poc: bool,
+    /// `POST /api/v1/inference/up` carried out as `up/async` + `up/status` polls.
+    pub inference_up: crate::longcall::InferenceUpMode,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inference_up_async: Option<crate::longcall::LongCallConfig>,
+    /// SSE keep-alive interval before the first token of streaming requests.
+    #[serde(
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
+    pub sse_keepalive: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Serialize)]

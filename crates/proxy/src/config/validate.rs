@@ -115,11 +115,21 @@ pub(super) fn validate(file: file::FileConfig) -> Result<Config, ConfigError> {
                     ),
                 ));
             }
+            let (inference_up, inference_up_async, sse_keepalive) =
+                crate::longcall::validate_route(
+                    &rkey,
+                    r.inference_up.as_deref(),
+                    r.inference_up_async,
+                    r.sse_keepalive,
+                )?;
             routes.push(RouteConfig {
                 prefix: r.prefix,
                 upstream: r.upstream,
                 strip_prefix: r.strip_prefix,
                 poc: r.poc,
+                inference_up,
+                inference_up_async,
+                sse_keepalive,
             });
         }
         let tls = match l.tls {

@@ -1,0 +1,800 @@
+//! Long-call mode for `POST /api/v1/inference/up` (route key `inference_up = "async"`).
+//!
+//! The mlnode's synchronous `inference/up` blocks until vLLM is healthy (cold starts take
+//! 9–27 minutes), so behind a hop that cuts responses whose head has not started within
+//! 100 s (RunPod's HTTP proxy, i.e. Cloudflare: 524) it can never succeed. In this mode
+//! podproxy receives the DAPI's synchronous call and carries it out as
+//! `POST …/inference/up/async` (same body, answers at once) followed by
+//! `GET …/inference/up/status` polls, every one of them short, and answers the DAPI's
+//! connection exactly as the synchronous call would have:
+//!
+//! | the mlnode says | the DAPI gets |
+//! |---|---|
+//! | `completed` | 200 `{"status":"OK"}` |
+//! | `up/async` answers 409 (already running / starting) | that 409 and its body |
+//! | `failed` | 500 `{"detail": <the mlnode's error>}` |
+//! | `not_started` after `in_progress` (the process restarted), `cancelled`, or no answer for longer than `unreachable_grace` | 502 `inference_start_interrupted` |
+//! | still not `completed` after `budget` | 504 `inference_start_timeout` |
+//! | `up/async` answers 404 (an mlnode without it) | the plain synchronous call, with a WARN |
+//!
+//! A poll that fails (524, 502, a reset, a connect error, any non-200) is retried at the
+//! next interval; success is never reported without `completed`. The polls run in a task
+//! of their own, so when the DAPI's client goes away the start (which the mlnode carries on
+//! anyway) is still followed to its end, bounded by the budget, and the log says so.
+//! See docs/long-calls.md.
+
+use crate::access_log::Exchange;
+use crate::body::Relay;
+use crate::config::{invalid, ConfigError};
+use crate::error::ProxyError;
+use crate::upstream::Upstream;
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+/// The synchronous start call the DAPI makes (after the version prefix is stripped).
+pub const UP_PATH: &str = "/api/v1/inference/up";
+const ASYNC_PATH: &str = "/api/v1/inference/up/async";
+const STATUS_PATH: &str = "/api/v1/inference/up/status";
+/// `{model, dtype, additional_args}`: small. Larger bodies get 413.
+const MAX_REQUEST_BODY: usize = 1024 * 1024;
+/// Largest mlnode answer read (status JSON, a 409 body).
+const MAX_ANSWER: usize = 64 * 1024;
+/// Longest wait for one `up/async` or `up/status` answer: far below any 100 s limit.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub mod defaults {
+    use std::time::Duration;
+    pub const POLL_INTERVAL: Duration = Duration::from_secs(5);
+    /// Measured cold starts reach 27 minutes; the DAPI's own client gives up at 15.
+    pub const BUDGET: Duration = Duration::from_secs(60 * 60);
+    /// A RunPod pod restart or a short network cut must not fail the start at once.
+    pub const UNREACHABLE_GRACE: Duration = Duration::from_secs(60);
+}
+
+/// How a route carries out `POST /api/v1/inference/up`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InferenceUpMode {
+    /// Forwarded as it is (the 100 s limit of a Cloudflare hop applies).
+    #[default]
+    Direct,
+    /// `up/async` + `up/status` polls.
+    Async,
+}
+
+/// Settings of the long-call mode (validated).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct LongCallConfig {
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Longest the whole start may take before the DAPI gets 504.
+    #[serde(with = "humantime_serde")]
+    pub budget: Duration,
+    /// Longest the mlnode may go without answering a poll before the DAPI gets 502.
+    #[serde(with = "humantime_serde")]
+    pub unreachable_grace: Duration,
+}
+
+type RouteSettings = (InferenceUpMode, Option<LongCallConfig>, Option<Duration>);
+
+/// Validates a route's `inference_up`, `inference_up_async` and `sse_keepalive` keys;
+/// `key` is the route's key path (`listeners.poc.routes[0]`).
+pub fn validate_route(
+    key: &str,
+    mode: Option<&str>,
+    table: Option<crate::config::file::InferenceUpAsyncSection>,
+    keepalive: Option<Duration>,
+) -> Result<RouteSettings, ConfigError> {
+    let mode = match mode {
+        None | Some("direct") => InferenceUpMode::Direct,
+        Some("async") => InferenceUpMode::Async,
+        Some(other) => {
+            return Err(invalid(
+                format!("{key}.inference_up"),
+                format!("must be \"direct\" or \"async\", not {other:?}"),
+            ))
+        }
+    };
+    let long_call = match (mode, table) {
+        (InferenceUpMode::Direct, None) => None,
+        (InferenceUpMode::Direct, Some(_)) => {
+            return Err(invalid(
+                format!("{key}.inference_up_async"),
+                "set, but inference_up is not \"async\" (it would be ignored)",
+            ))
+        }
+        (InferenceUpMode::Async, t) => {
+            let t = t.unwrap_or_default();
+            let nonzero = |d: Option<Duration>, def: Duration, field: &str| {
+                let d = d.unwrap_or(def);
+                if d.is_zero() {
+                    Err(invalid(
+                        format!("{key}.inference_up_async.{field}"),
+                        "must be above zero",
+                    ))
+                } else {
+                    Ok(d)
+                }
+            };
+            let cfg = LongCallConfig {
+                poll_interval: nonzero(t.poll_interval, defaults::POLL_INTERVAL, "poll_interval")?,
+                budget: nonzero(t.budget, defaults::BUDGET, "budget")?,
+                unreachable_grace: nonzero(
+                    t.unreachable_grace,
+                    defaults::UNREACHABLE_GRACE,
+                    "unreachable_grace",
+                )?,
+            };
+            if cfg.budget <= cfg.poll_interval {
+                return Err(invalid(
+                    format!("{key}.inference_up_async.budget"),
+                    format!(
+                        "{} must be longer than poll_interval ({})",
+                        humantime::format_duration(cfg.budget),
+                        humantime::format_duration(cfg.poll_interval)
+                    ),
+                ));
+            }
+            if cfg.unreachable_grace < cfg.poll_interval {
+                return Err(invalid(
+                    format!("{key}.inference_up_async.unreachable_grace"),
+                    format!(
+                        "{} is shorter than poll_interval ({}): one missed poll would fail the start",
+                        humantime::format_duration(cfg.unreachable_grace),
+                        humantime::format_duration(cfg.poll_interval)
+                    ),
+                ));
+            }
+            Some(cfg)
+        }
+    };
+    if let Some(every) = keepalive {
+        if every.is_zero() {
+            return Err(invalid(
+                format!("{key}.sse_keepalive"),
+                "must be above zero (leave it out to switch keep-alives off)",
+            ));
+        }
+        if every >= crate::sse_keepalive::CLOUDFLARE_LIMIT {
+            return Err(invalid(
+                format!("{key}.sse_keepalive"),
+                format!(
+                    "{} is not below Cloudflare's 100 s limit; the hop would cut the stream first",
+                    humantime::format_duration(every)
+                ),
+            ));
+        }
+    }
+    Ok((mode, long_call, keepalive))
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabel {
+    pub upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub upstream: String,
+    pub outcome: String,
+}
+
+/// Counters of the long-call mode and the SSE keep-alive (registered with the rest).
+#[derive(Default)]
+pub struct LongCallMetrics {
+    pub started: Family<UpstreamLabel, Counter>,
+    pub polls: Family<UpstreamLabel, Counter>,
+    pub outcomes: Family<OutcomeLabels, Counter>,
+    pub keepalive_streams: Family<UpstreamLabel, Counter>,
+    pub keepalives: Family<UpstreamLabel, Counter>,
+}
+
+impl LongCallMetrics {
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "long_calls_started",
+            "inference/up calls carried out as up/async + up/status polls",
+            self.started.clone(),
+        );
+        r.register(
+            "long_call_polls",
+            "up/status polls sent for long calls",
+            self.polls.clone(),
+        );
+        r.register(
+            "long_call_outcomes",
+            "How long calls ended (completed, failed, conflict, rejected, restarted, unreachable, cancelled, budget, fallback_sync, error)",
+            self.outcomes.clone(),
+        );
+        r.register(
+            "sse_keepalive_streams",
+            "Streaming responses whose head podproxy sent before the upstream's (SSE keep-alive)",
+            self.keepalive_streams.clone(),
+        );
+        r.register(
+            "sse_keepalives",
+            "SSE keep-alive comments sent while waiting for the upstream's head",
+            self.keepalives.clone(),
+        );
+    }
+
+    fn outcome(&self, upstream: &str, outcome: Outcome) {
+        self.outcomes
+            .get_or_create(&OutcomeLabels {
+                upstream: upstream.to_string(),
+                outcome: outcome.label().to_string(),
+            })
+            .inc();
+    }
+
+    fn upstream(family: &Family<UpstreamLabel, Counter>, upstream: &str) -> Counter {
+        family
+            .get_or_create(&UpstreamLabel {
+                upstream: upstream.to_string(),
+            })
+            .clone()
+    }
+}
+
+/// The long-call settings when this request is the synchronous start call on a route in
+/// long-call mode. `path` is the upstream path (prefixes already stripped), no query.
+pub fn applies(cfg: Option<LongCallConfig>, method: &Method, path: &str) -> Option<LongCallConfig> {
+    cfg.filter(|_| method == Method::POST && path == UP_PATH)
+}
+
+/// How a long call ended (a bounded metrics label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Completed,
+    Failed,
+    Conflict,
+    Rejected,
+    Restarted,
+    Unreachable,
+    Cancelled,
+    Budget,
+    FallbackSync,
+    Error,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::Failed => "failed",
+            Outcome::Conflict => "conflict",
+            Outcome::Rejected => "rejected",
+            Outcome::Restarted => "restarted",
+            Outcome::Unreachable => "unreachable",
+            Outcome::Cancelled => "cancelled",
+            Outcome::Budget => "budget",
+            Outcome::FallbackSync => "fallback_sync",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// What the DAPI gets, decided by the poll task.
+enum Answer {
+    Ok,
+    Failed(String),
+    Err(ProxyError),
+}
+
+/// One request to the mlnode for this long call: the client's request headers (as
+/// prepared for the upstream: forwarding headers, `Host`, `x-request-id`), another path.
+struct Caller {
+    upstream: Arc<Upstream>,
+    index: usize,
+    headers: HeaderMap,
+    idle: Duration,
+}
+
+impl Caller {
+    fn request(&self, method: Method, path: &str, body: Bytes) -> Result<Request<Relay>, String> {
+        let uri: Uri = path.parse().map_err(|e| format!("bad path {path}: {e}"))?;
+        let mut headers = self.headers.clone();
+        if body.is_empty() {
+            for h in [
+                header::CONTENT_LENGTH,
+                header::CONTENT_TYPE,
+                header::TRANSFER_ENCODING,
+            ] {
+                headers.remove(h);
+            }
+        } else {
+            headers.remove(header::TRANSFER_ENCODING);
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
+        if self.upstream.cfg.rewrite_host {
+            if let Some(b) = self.upstream.backends().get(self.index) {
+                if let Ok(host) = HeaderValue::from_str(b.addr.authority.as_str()) {
+                    headers.insert(header::HOST, host);
+                }
+            }
+        }
+        let mut req = Request::new(Relay::full(body));
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.headers_mut() = headers;
+        Ok(req)
+    }
+
+    /// Sends a short call and reads its (small) answer whole.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<(StatusCode, HeaderMap, Bytes), String> {
+        let req = self.request(method, path, body)?;
+        let sent = tokio::time::timeout(CALL_TIMEOUT, async {
+            let (resp, lease) = self
+                .upstream
+                .send(self.index, req)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (parts, body) = resp.into_parts();
+            let body = Relay::upstream(body, lease, self.idle);
+            let bytes = Limited::new(body, MAX_ANSWER)
+                .collect()
+                .await
+                .map_err(|e| format!("reading the answer: {e}"))?
+                .to_bytes();
+            Ok::<_, String>((parts.status, parts.headers, bytes))
+        })
+        .await;
+        match sent {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "no answer within {}",
+                humantime::format_duration(CALL_TIMEOUT)
+            )),
+        }
+    }
+
+    fn backend_label(&self) -> String {
+        self.upstream
+            .backends()
+            .get(self.index)
+            .map_or_else(|| "-".to_string(), |b| b.label.to_string())
+    }
+}
+
+/// `GET up/status` answer (the fields podproxy reads).
+#[derive(Deserialize)]
+struct StartupStatus {
+    status: String,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+/// Carries out the DAPI's synchronous `inference/up` in long-call mode. `parts` are the
+/// request's parts with headers already prepared for the upstream; `query` is the
+/// request's query (kept on the `up/async` call).
+pub async fn inference_up(
+    upstream: &Arc<Upstream>,
+    cfg: LongCallConfig,
+    parts: http::request::Parts,
+    query: Option<&str>,
+    body: Incoming,
+    ex: &mut Exchange,
+    metrics: &crate::metrics::Metrics,
+) -> Result<Response<Relay>, ProxyError> {
+    let idle = upstream.cfg.idle_timeout;
+    let body = Limited::new(Relay::stream(body, idle), MAX_REQUEST_BODY)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                ProxyError::PayloadTooLarge {
+                    limit: MAX_REQUEST_BODY as u64,
+                }
+            } else {
+                ProxyError::RequestBody(e.to_string())
+            }
+        })?
+        .to_bytes();
+    ex.bytes_in.store(body.len() as u64, Ordering::Relaxed);
+
+    let (index, slot) = upstream.acquire(&[]).await?;
+    ex.backend = Some(slot.backend().label.clone());
+    ex.slot = Some(slot);
+    let lc = &metrics.long_calls;
+    let name = upstream.name.to_string();
+    LongCallMetrics::upstream(&lc.started, &name).inc();
+    let caller = Caller {
+        upstream: upstream.clone(),
+        index,
+        headers: parts.headers,
+        idle,
+    };
+    let with_query = |path: &str| match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+
+    let (status, headers, answer) = match caller
+        .call(Method::POST, &with_query(ASYNC_PATH), body.clone())
+        .await
+    {
+        Ok(r) => r,
+        Err(detail) => {
+            lc.outcome(&name, Outcome::Error);
+            return Err(ProxyError::UpstreamBroken {
+                upstream: name,
+                backend: caller.backend_label(),
+                detail: format!("{ASYNC_PATH}: {detail}"),
+            });
+        }
+    };
+    if status == StatusCode::NOT_FOUND {
+        tracing::warn!(
+            upstream = &*name,
+            backend = caller.backend_label(),
+            "the mlnode has no {ASYNC_PATH} (404): forwarding the synchronous {UP_PATH}, \
+             which a hop with a 100 s limit (RunPod's HTTP proxy) will cut"
+        );
+        lc.outcome(&name, Outcome::FallbackSync);
+        let req = caller
+            .request(Method::POST, &with_query(UP_PATH), body)
+            .map_err(ProxyError::BadRequest)?;
+        let (resp, lease) = upstream.send(index, req).await?;
+        ex.ttfb = Some(ex.started.elapsed());
+        let (mut parts, body) = resp.into_parts();
+        crate::headers::remove_hop_by_hop(&mut parts.headers);
+        parts.version = http::Version::HTTP_11;
+        return Ok(Response::from_parts(
+            parts,
+            Relay::upstream(body, lease, idle),
+        ));
+    }
+    if !status.is_success() {
+        // A 409 (already running / starting) or any other refusal: exactly what the
+        // synchronous call would have answered.
+        lc.outcome(
+            &name,
+            if status == StatusCode::CONFLICT {
+                Outcome::Conflict
+            } else {
+                Outcome::Rejected
+            },
+        );
+        ex.ttfb = Some(ex.started.elapsed());
+        return Ok(answer_as_is(status, &headers, answer));
+    }
+    tracing::info!(
+        upstream = &*name,
+        backend = caller.backend_label(),
+        "inference start initiated via {ASYNC_PATH}; polling {STATUS_PATH} every {} (budget {})",
+        humantime::format_duration(cfg.poll_interval),
+        humantime::format_duration(cfg.budget),
+    );
+
+    let (tx, rx) = oneshot::channel();
+    let request_id = ex.request_id.to_str().unwrap_or("-").to_string();
+    let polls = LongCallMetrics::upstream(&lc.polls, &name);
+    let outcomes = lc.outcomes.clone();
+    tokio::spawn(async move {
+        let (outcome, answer) = follow(&caller, cfg, polls, tx).await;
+        outcomes
+            .get_or_create(&OutcomeLabels {
+                upstream: caller.upstream.name.to_string(),
+                outcome: outcome.label().to_string(),
+            })
+            .inc();
+        if let Some(answer) = answer {
+            let what = match &answer {
+                Answer::Ok => "completed".to_string(),
+                Answer::Failed(d) => format!("failed: {d}"),
+                Answer::Err(e) => e.to_string(),
+            };
+            tracing::warn!(
+                upstream = &*caller.upstream.name,
+                request_id,
+                "inference start ended ({what}) after the DAPI's connection had closed; \
+                 nobody was left to tell"
+            );
+        }
+    });
+    let answer = rx.await.map_err(|_| ProxyError::UpstreamBroken {
+        upstream: name.clone(),
+        backend: ex.backend.as_deref().unwrap_or("-").to_string(),
+        detail: "the long-call task ended without an answer".into(),
+    })?;
+    ex.ttfb = Some(ex.started.elapsed());
+    match answer {
+        Answer::Ok => Ok(json(StatusCode::OK, &serde_json::json!({"status": "OK"}))),
+        Answer::Failed(detail) => Ok(json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &serde_json::json!({ "detail": detail }),
+        )),
+        Answer::Err(e) => Err(e),
+    }
+}
+
+/// Polls `up/status` until the start ends, the budget runs out or the node stays
+/// unreachable. Returns the outcome, and the answer when the DAPI was no longer there to
+/// take it.
+async fn follow(
+    caller: &Caller,
+    cfg: LongCallConfig,
+    polls: Counter,
+    mut tx: oneshot::Sender<Answer>,
+) -> (Outcome, Option<Answer>) {
+    let upstream = caller.upstream.name.to_string();
+    let backend = caller.backend_label();
+    let interrupted = |detail: String| {
+        Answer::Err(ProxyError::StartInterrupted {
+            upstream: upstream.clone(),
+            backend: backend.clone(),
+            detail,
+        })
+    };
+    let started = Instant::now();
+    let deadline = started + cfg.budget;
+    let mut last_answer = started;
+    let mut seen_in_progress = false;
+    let mut client_gone = false;
+    let grace = humantime::format_duration(cfg.unreachable_grace);
+    let (outcome, answer) = loop {
+        let next = (Instant::now() + cfg.poll_interval).min(deadline);
+        if !client_gone {
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                _ = tx.closed() => {
+                    client_gone = true;
+                    tracing::warn!(
+                        upstream = &*upstream,
+                        backend = &*backend,
+                        "the DAPI's connection closed during a long inference/up; the start \
+                         continues on the mlnode and podproxy follows it to its end (budget {})",
+                        humantime::format_duration(cfg.budget)
+                    );
+                    tokio::time::sleep_until(next).await;
+                }
+            }
+        } else {
+            tokio::time::sleep_until(next).await;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            break (
+                Outcome::Budget,
+                Answer::Err(ProxyError::StartTimeout {
+                    upstream: upstream.clone(),
+                    backend: backend.clone(),
+                    budget: cfg.budget,
+                }),
+            );
+        }
+        polls.inc();
+        let polled = tokio::time::timeout_at(
+            deadline,
+            caller.call(Method::GET, STATUS_PATH, Bytes::new()),
+        )
+        .await
+        .unwrap_or_else(|_| Err("the budget ran out during the poll".into()));
+        let failure = match polled {
+            Ok((StatusCode::OK, _, body)) => {
+                match serde_json::from_slice::<StartupStatus>(&body) {
+                    Ok(s) => {
+                        last_answer = Instant::now();
+                        match s.status.as_str() {
+                            "completed" => break (Outcome::Completed, Answer::Ok),
+                            "in_progress" => {
+                                seen_in_progress = true;
+                                continue;
+                            }
+                            "failed" => {
+                                let detail = s
+                                    .error
+                                    .filter(|e| !e.is_empty())
+                                    .unwrap_or_else(|| "inference startup failed".into());
+                                break (Outcome::Failed, Answer::Failed(detail));
+                            }
+                            "cancelled" => break (
+                                Outcome::Cancelled,
+                                interrupted(
+                                    "the mlnode reports the start as cancelled (inference/down?)"
+                                        .into(),
+                                ),
+                            ),
+                            "not_started" if seen_in_progress => {
+                                break (
+                                    Outcome::Restarted,
+                                    interrupted(
+                                        "the mlnode restarted during the start (status went from \
+                                     in_progress back to not_started)"
+                                            .into(),
+                                    ),
+                                )
+                            }
+                            // Just after up/async the start may not be registered yet; if it
+                            // never is, the grace below ends the wait.
+                            "not_started" => {
+                                if now.duration_since(started) > cfg.unreachable_grace {
+                                    break (
+                                        Outcome::Restarted,
+                                        interrupted(format!(
+                                            "the mlnode still reports not_started {grace} after \
+                                         up/async accepted the start (restarted?)"
+                                        )),
+                                    );
+                                }
+                                continue;
+                            }
+                            other => format!("unknown start status {other:?}"),
+                        }
+                    }
+                    Err(e) => format!("unreadable status answer: {e}"),
+                }
+            }
+            Ok((status, _, _)) => format!("status poll answered {status}"),
+            Err(e) => e,
+        };
+        // A transient failure: retried at the next interval, unless the node has been
+        // silent for longer than the grace.
+        let silent = Instant::now().duration_since(last_answer);
+        tracing::info!(
+            upstream = &*upstream,
+            backend = &*backend,
+            "long-call status poll failed ({failure}); retrying"
+        );
+        if silent > cfg.unreachable_grace {
+            break (
+                Outcome::Unreachable,
+                interrupted(format!(
+                    "the mlnode did not answer a status poll for {} (restarting or \
+                     unreachable; last failure: {failure})",
+                    humantime::format_duration(Duration::from_secs(silent.as_secs()))
+                )),
+            );
+        }
+    };
+    tracing::info!(
+        upstream = &*upstream,
+        backend = &*backend,
+        outcome = outcome.label(),
+        elapsed_s = started.elapsed().as_secs(),
+        "long inference/up ended"
+    );
+    match tx.send(answer) {
+        Ok(()) => (outcome, None),
+        Err(answer) => (outcome, Some(answer)),
+    }
+}
+
+fn json(status: StatusCode, v: &serde_json::Value) -> Response<Relay> {
+    let mut resp = Response::new(Relay::full(v.to_string()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// An mlnode answer relayed with its status, type and body.
+fn answer_as_is(status: StatusCode, headers: &HeaderMap, body: Bytes) -> Response<Relay> {
+    let mut resp = Response::new(Relay::full(body));
+    *resp.status_mut() = status;
+    if let Some(t) = headers.get(header::CONTENT_TYPE) {
+        resp.headers_mut().insert(header::CONTENT_TYPE, t.clone());
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    fn route(extra: &str) -> String {
+        format!(
+            "[listeners.poc]\nbind = \"127.0.0.1:0\"\nroutes = [{{ prefix = \"/\", upstream = \"m\"{extra} }}]\n\n[upstreams.m]\nurls = \"http://127.0.0.1:9\"\n"
+        )
+    }
+
+    fn err(extra: &str) -> String {
+        match Config::from_toml(&route(extra)) {
+            Ok(_) => panic!("accepted: {extra}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn async_mode_fills_in_its_defaults_and_check_prints_them() {
+        let cfg = Config::from_toml(&route(
+            ", inference_up = \"async\", sse_keepalive = \"20s\"",
+        ))
+        .unwrap();
+        let r = &cfg.listeners[0].routes[0];
+        assert_eq!(r.inference_up, super::InferenceUpMode::Async);
+        let lc = r.inference_up_async.unwrap();
+        assert_eq!(lc.poll_interval, super::defaults::POLL_INTERVAL);
+        assert_eq!(lc.budget, super::defaults::BUDGET);
+        assert_eq!(lc.unreachable_grace, super::defaults::UNREACHABLE_GRACE);
+        let text = cfg.to_toml();
+        assert!(text.contains("inference_up = \"async\""), "{text}");
+        assert!(text.contains("poll_interval = \"5s\""), "{text}");
+        assert!(text.contains("budget = \"1h\""), "{text}");
+        assert!(text.contains("sse_keepalive = \"20s\""), "{text}");
+        // The printed config loads again as it is.
+        let again = Config::from_toml(&text).unwrap();
+        assert_eq!(again.listeners[0].routes[0].inference_up_async, Some(lc));
+    }
+
+    #[test]
+    fn bad_long_call_settings_name_their_key() {
+        let e = err(", inference_up = \"later\"");
+        assert!(
+            e.starts_with("listeners.poc.routes[0].inference_up: must be"),
+            "{e}"
+        );
+        let e = err(", inference_up_async = { budget = \"10m\" }");
+        assert!(
+            e.starts_with("listeners.poc.routes[0].inference_up_async: set, but"),
+            "{e}"
+        );
+        let e = err(", inference_up = \"async\", inference_up_async = { poll_interval = \"0s\" }");
+        assert!(
+            e.starts_with(
+                "listeners.poc.routes[0].inference_up_async.poll_interval: must be above zero"
+            ),
+            "{e}"
+        );
+        let e = err(", inference_up = \"async\", inference_up_async = { poll_interval = \"10s\", budget = \"5s\" }");
+        assert!(
+            e.starts_with("listeners.poc.routes[0].inference_up_async.budget:"),
+            "{e}"
+        );
+        let e =
+            err(", inference_up = \"async\", inference_up_async = { unreachable_grace = \"1s\" }");
+        assert!(
+            e.starts_with("listeners.poc.routes[0].inference_up_async.unreachable_grace:"),
+            "{e}"
+        );
+        let e = err(", inference_up = \"async\", inference_up_async = { poll = \"1s\" }");
+        assert!(e.contains("unknown field"), "{e}");
+        let e = err(", sse_keepalive = \"0s\"");
+        assert!(
+            e.starts_with("listeners.poc.routes[0].sse_keepalive: must be above zero"),
+            "{e}"
+        );
+        let e = err(", sse_keepalive = \"2m\"");
+        assert!(
+            e.starts_with("listeners.poc.routes[0].sse_keepalive:") && e.contains("100 s"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn direct_mode_is_the_default_and_only_the_sync_start_call_applies() {
+        let cfg = Config::from_toml(&route("")).unwrap();
+        let r = &cfg.listeners[0].routes[0];
+        assert_eq!(r.inference_up, super::InferenceUpMode::Direct);
+        assert!(r.inference_up_async.is_none() && r.sse_keepalive.is_none());
+        let lc = Some(super::LongCallConfig {
+            poll_interval: std::time::Duration::from_secs(1),
+            budget: std::time::Duration::from_secs(10),
+            unreachable_grace: std::time::Duration::from_secs(2),
+        });
+        use http::Method;
+        assert!(super::applies(lc, &Method::POST, "/api/v1/inference/up").is_some());
+        assert!(super::applies(lc, &Method::GET, "/api/v1/inference/up").is_none());
+        assert!(super::applies(lc, &Method::POST, "/api/v1/inference/up/async").is_none());
+        assert!(super::applies(None, &Method::POST, "/api/v1/inference/up").is_none());
+    }
+}
