@@ -10,13 +10,15 @@
 //! - [`record`]: what each server received, byte for byte, with event-driven waiting.
 //! - [`vllm`]: an OpenAI-compatible vLLM server that streams SSE tokens on a schedule and
 //!   counts generations abandoned by the peer.
-//! - [`mlnode`]: Gonka's mlnode management / PoC API.
+//! - [`mlnode`]: Gonka's mlnode management / PoC API, with the inference start API.
+//! - [`cfhop`]: a Cloudflare-like hop that answers 524 when no response head comes in time.
 //! - [`echo`]: a generic backend (echo, byte generator, sink, status, SSE, hang).
 //! - [`sink`]: the Network Node's PoC callback server.
 //! - [`data`]: deterministic bulk data and streaming hashes for very large bodies.
 //! - [`sse`]: client-side SSE reader that measures framing and arrival times.
 //! - [`client`]: body type aliases and a small hyper client for tests.
 
+pub mod cfhop;
 pub mod client;
 pub mod data;
 pub mod echo;
