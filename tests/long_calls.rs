@@ -133,6 +133,31 @@ async fn a_synchronous_inference_up_whose_start_outlasts_the_hop_returns_ok_thro
 }
 
 #[tokio::test]
+async fn an_up_async_answer_cut_by_the_hop_is_resolved_by_the_status_and_followed() {
+    let sim = MlnodeSim::start(MlnodeConfig {
+        inference_up_delay: HOP * 4,
+        async_answer_delay: HOP * 2,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let hop = HeadTimeoutHop::start(sim.addr(), HOP).await.unwrap();
+    let proxy = Proxy::start(&bridge(&hop.url(), &long_call("20s"))).await;
+    let (status, body) = dapi_up(&proxy.url("poc")).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(&body[..], br#"{"status":"OK"}"#);
+    assert_eq!(hop.cut(), 1, "the up/async answer was cut");
+    let t = targets(&sim);
+    assert_eq!(
+        t.iter()
+            .filter(|p| *p == "/api/v1/inference/up/async")
+            .count(),
+        1,
+        "the start was not sent twice: {t:?}"
+    );
+}
+
+#[tokio::test]
 async fn without_long_call_mode_the_hop_cuts_the_same_inference_up_with_524() {
     let sim = MlnodeSim::start(MlnodeConfig {
         inference_up_delay: HOP * 5,

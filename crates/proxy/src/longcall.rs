@@ -18,7 +18,9 @@
 //! | `up/async` answers 404 (an mlnode without it) | the plain synchronous call, with a WARN |
 //!
 //! A poll that fails (524, 502, a reset, a connect error, any non-200) is retried at the
-//! next interval; success is never reported without `completed`. The polls run in a task
+//! next interval; success is never reported without `completed`. An `up/async` call that
+//! fails in transit is ambiguous: `up/status` then decides whether to follow a start that
+//! began or to send `up/async` again (within `unreachable_grace`). The polls run in a task
 //! of their own, so when the DAPI's client goes away the start (which the mlnode carries on
 //! anyway) is still followed to its end, bounded by the budget, and the log says so.
 //! See docs/long-calls.md.
@@ -426,20 +428,19 @@ pub async fn inference_up(
         None => path.to_string(),
     };
 
-    let (status, headers, answer) = match caller
-        .call(Method::POST, &with_query(ASYNC_PATH), body.clone())
-        .await
-    {
-        Ok(r) => r,
-        Err(detail) => {
-            lc.outcome(&name, Outcome::Error);
-            return Err(ProxyError::UpstreamBroken {
-                upstream: name,
-                backend: caller.backend_label(),
-                detail: format!("{ASYNC_PATH}: {detail}"),
-            });
-        }
-    };
+    let (status, headers, answer) =
+        match start(&caller, cfg, &with_query(ASYNC_PATH), body.clone()).await {
+            Started::Answer(r) => r,
+            Started::Running => (StatusCode::OK, HeaderMap::new(), Bytes::new()),
+            Started::Failed(detail) => {
+                lc.outcome(&name, Outcome::Error);
+                return Err(ProxyError::UpstreamBroken {
+                    upstream: name,
+                    backend: caller.backend_label(),
+                    detail: format!("{ASYNC_PATH}: {detail}"),
+                });
+            }
+        };
     if status == StatusCode::NOT_FOUND {
         tracing::warn!(
             upstream = &*name,
@@ -522,6 +523,55 @@ pub async fn inference_up(
             &serde_json::json!({ "detail": detail }),
         )),
         Answer::Err(e) => Err(e),
+    }
+}
+
+/// How the `up/async` call went.
+enum Started {
+    /// The mlnode's answer (2xx, 404, 409, any other refusal).
+    Answer((StatusCode, HeaderMap, Bytes)),
+    /// The call failed in transit, but `up/status` shows a start running (ours, whose
+    /// answer was lost, or one already under way): follow it.
+    Running,
+    /// No answer, and no start seen, within the grace.
+    Failed(String),
+}
+
+/// A status a hop gives when it could not get an answer (Cloudflare's 52x included): the
+/// call may or may not have reached the mlnode.
+fn transient(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 502..=504 | 520..=527)
+}
+
+/// Sends `up/async`. A failure in transit (reset, connect error, 502/503/504/52x from a
+/// hop) is ambiguous, so `up/status` decides: a start in progress (or vLLM up) is followed,
+/// otherwise `up/async` is sent again, for up to `unreachable_grace`.
+async fn start(caller: &Caller, cfg: LongCallConfig, path: &str, body: Bytes) -> Started {
+    let give_up = Instant::now() + cfg.unreachable_grace;
+    loop {
+        let failure = match caller.call(Method::POST, path, body.clone()).await {
+            Ok((status, _, _)) if transient(status) => format!("answered {status}"),
+            Ok(answer) => return Started::Answer(answer),
+            Err(e) => e,
+        };
+        tracing::info!(
+            upstream = &*caller.upstream.name,
+            backend = caller.backend_label(),
+            "{ASYNC_PATH} failed ({failure}); asking {STATUS_PATH} whether the start began"
+        );
+        if let Ok((StatusCode::OK, _, b)) =
+            caller.call(Method::GET, STATUS_PATH, Bytes::new()).await
+        {
+            if let Ok(s) = serde_json::from_slice::<StartupStatus>(&b) {
+                if matches!(s.status.as_str(), "in_progress" | "completed") {
+                    return Started::Running;
+                }
+            }
+        }
+        if Instant::now() + cfg.poll_interval > give_up {
+            return Started::Failed(failure);
+        }
+        tokio::time::sleep(cfg.poll_interval).await;
     }
 }
 

@@ -54,6 +54,9 @@ pub struct MlnodeConfig {
     pub exit_after_failure: Option<Duration>,
     /// An older mlnode without `up/async` and `up/status` (they answer 404).
     pub no_async: bool,
+    /// `up/async` answers this late (the start has begun already): lets a hop cut the
+    /// answer of a call that did reach the mlnode.
+    pub async_answer_delay: Duration,
 }
 
 /// The start state machine (lazy: computed from the clock when asked).
@@ -288,10 +291,13 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> hyper::Response<TkBod
         }
         (&Method::POST, "/api/v1/inference/up/async") => match st.begin() {
             Err(detail) => server::json(StatusCode::CONFLICT, &json!({ "detail": detail })),
-            Ok(_) => server::json(
-                StatusCode::OK,
-                &json!({"status": "starting", "message": "Inference startup initiated in background"}),
-            ),
+            Ok(_) => {
+                tokio::time::sleep(st.cfg.async_answer_delay).await;
+                server::json(
+                    StatusCode::OK,
+                    &json!({"status": "starting", "message": "Inference startup initiated in background"}),
+                )
+            }
         },
         (&Method::GET, "/api/v1/inference/up/status") => {
             let (status, since, error) = st.status();
