@@ -696,3 +696,45 @@ async fn an_h2_client_gets_the_error_event_and_then_a_reset_stream() {
     assert!(text.contains(": keep-alive"), "{text}");
     assert_eq!(error_event(&text)["error"]["type"], "upstream_broken");
 }
+
+/// The shipped `config/examples/runpod-bridge.toml`, with only its addresses changed: the
+/// listeners on loopback, the RunPod domains replaced by the simulated pod's hops.
+fn runpod_bridge_example(poc_url: &str, inference_url: &str) -> String {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/examples/runpod-bridge.toml"
+    ))
+    .unwrap();
+    for needle in [
+        "\"0.0.0.0:8080\"",
+        "\"0.0.0.0:5000\"",
+        "https://${RUNPOD_ID}-8080.proxy.runpod.net",
+        "https://${RUNPOD_ID}-5000.proxy.runpod.net",
+    ] {
+        assert!(text.contains(needle), "example changed shape: {needle}");
+    }
+    text.replace("\"0.0.0.0:8080\"", "\"127.0.0.1:0\"")
+        .replace("\"0.0.0.0:5000\"", "\"127.0.0.1:0\"")
+        .replace("https://${RUNPOD_ID}-8080.proxy.runpod.net", poc_url)
+        .replace("https://${RUNPOD_ID}-5000.proxy.runpod.net", inference_url)
+}
+
+#[tokio::test]
+async fn the_runpod_bridge_example_gets_a_dapi_inference_up_through_the_hop() {
+    let sim = MlnodeSim::start(MlnodeConfig {
+        // Several times the hop's limit, whatever the example's poll interval (5 s) is.
+        inference_up_delay: HOP * 5,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let hop = HeadTimeoutHop::start(sim.addr(), HOP).await.unwrap();
+    let proxy = Proxy::start(&runpod_bridge_example(&hop.url(), "http://127.0.0.1:1")).await;
+    let (status, body) = dapi_up(&proxy.url("poc")).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(&body[..], br#"{"status":"OK"}"#);
+    assert_eq!(hop.cut(), 0);
+    assert!(proxied(&sim.recorder())
+        .iter()
+        .all(|r| r.target != "/api/v1/inference/up"));
+}
