@@ -2,15 +2,16 @@
 //! servers, the mlnode API, a Network Node callback sink), so a newcomer sees streaming,
 //! routing and the PoC callback rewrite work without a GPU.
 
-use proxy::config::{env, Config, LogFormat, EMBEDDED_DEFAULT};
+use crate::LogFlags;
+use proxy::config::{env, Config, EMBEDDED_DEFAULT};
 use std::process::ExitCode;
 use std::time::Duration;
 use testkit::mlnode::{MlnodeConfig, MlnodeSim};
 use testkit::sink::CallbackSink;
 use testkit::vllm::{VllmConfig, VllmSim};
 
-pub async fn run(log_format: Option<&str>) -> ExitCode {
-    match demo(log_format).await {
+pub async fn run(logs: &LogFlags, listen_all: bool) -> ExitCode {
+    match demo(logs, listen_all).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("podproxy demo: {e}");
@@ -19,15 +20,18 @@ pub async fn run(log_format: Option<&str>) -> ExitCode {
     }
 }
 
-async fn demo(log_format: Option<&str>) -> Result<(), String> {
+async fn demo(logs: &LogFlags, listen_all: bool) -> Result<(), String> {
     let start_err = |what: &str| {
         let what = what.to_string();
         move |e: std::io::Error| format!("cannot start the simulated {what}: {e}")
     };
-    // Tokens every 80 ms: slow enough to watch them arrive one by one in a terminal.
+    // Tokens every 80 ms: slow enough to watch them arrive one by one in a terminal. The
+    // simulators answer a JSON body without Content-Type 422, as vLLM >= 0.20 and newer
+    // mlnode images do; the embedded default's `json_content_type` routes fix that.
     let vllm_cfg = VllmConfig {
         token_interval: Duration::from_millis(80),
         tokens: 24,
+        strict_content_type: true,
         ..VllmConfig::default()
     };
     let vllm = [
@@ -36,15 +40,24 @@ async fn demo(log_format: Option<&str>) -> Result<(), String> {
             .map_err(start_err("vLLM"))?,
         VllmSim::start(vllm_cfg).await.map_err(start_err("vLLM"))?,
     ];
-    let mlnode = MlnodeSim::start(MlnodeConfig::default())
-        .await
-        .map_err(start_err("mlnode"))?;
+    let mlnode = MlnodeSim::start(MlnodeConfig {
+        strict_content_type: true,
+        ..MlnodeConfig::default()
+    })
+    .await
+    .map_err(start_err("mlnode"))?;
     let sink = CallbackSink::start()
         .await
         .map_err(start_err("Network Node"))?;
 
     let vllm_urls = format!("{},{}", vllm[0].url(), vllm[1].url());
-    let text = env::expand(EMBEDDED_DEFAULT, |name| match name {
+    // Loopback only unless asked: the demo's backends are toys, not something to expose.
+    let layout = if listen_all {
+        EMBEDDED_DEFAULT.to_string()
+    } else {
+        EMBEDDED_DEFAULT.replace("bind = \"0.0.0.0:", "bind = \"127.0.0.1:")
+    };
+    let text = env::expand(&layout, |name| match name {
         "MLNODE_URL" => Some(mlnode.url()),
         "VLLM_URLS" => Some(vllm_urls.clone()),
         "POC_CALLBACK_URL" => Some(sink.url()),
@@ -52,10 +65,9 @@ async fn demo(log_format: Option<&str>) -> Result<(), String> {
     })
     .map_err(|e| e.to_string())?;
     let mut config = Config::from_toml(&text).map_err(|e| e.to_string())?;
-    if log_format == Some("json") {
-        config.server.log_format = LogFormat::Json;
-    }
-    proxy::logging::init(config.server.log_format, &config.server.log_level);
+    logs.apply(&mut config)?;
+    let _log_guard =
+        proxy::logging::init_background(config.server.log_format, &config.server.log_level);
     let server = proxy::Server::bind(&config)
         .await
         .map_err(|e| format!("{e} (set POC_PORT / INFERENCE_PORT to use other ports)"))?;
@@ -77,11 +89,12 @@ async fn demo(log_format: Option<&str>) -> Result<(), String> {
 
 Try in another terminal:
   # a streaming chat completion: tokens arrive one by one, every 80 ms
-  curl -N http://127.0.0.1:{inf_port}/v1/chat/completions -d '{{\"model\":\"Qwen/Qwen3-32B-FP8\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'
+  curl -N http://127.0.0.1:{inf_port}/v1/chat/completions -H 'Content-Type: application/json' -d '{{\"model\":\"Qwen/Qwen3-32B-FP8\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'
   # the mlnode API through the PoC port, with the DAPI's version prefix stripped
   curl -i http://127.0.0.1:{poc_port}/v3.0.8/api/v1/state
-  # a PoC start: watch this terminal print the callback url the mlnode received
-  curl -i http://127.0.0.1:{poc_port}/v3.0.8/api/v1/pow/init/generate -d '{{\"url\":\"http://api:9100/v1/poc-batches\",\"block_height\":1,\"r_target\":1.4013564660458173}}'
+  # a PoC start as the DAPI sends it (no Content-Type: podproxy adds it, or FastAPI says 422);
+  # watch this terminal print the callback url the mlnode received
+  curl -i http://127.0.0.1:{poc_port}/v3.0.8/api/v1/inference/pow/init/generate -H 'Content-Type:' -d '{{\"url\":\"http://api:9100/v2/poc-batches/Qwen%252FQwen3-32B-FP8\",\"block_height\":1,\"r_target\":1.4013564660458173}}'
   # what the proxy saw: requests, time to first token, inter-token latency, backends
   curl -s {admin}/metrics | grep -E 'podproxy_(requests|sse_event_gap_seconds_count|upstream_ttfb_seconds_count)'
 Ctrl-C stops the demo.\n",

@@ -3,13 +3,14 @@
 
 mod demo;
 
-/// Off by default: measured against musl's allocator, see README "Static binary".
+/// Off by default: measured against musl's allocator, see docs/static-binary.md ("Allocator").
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use clap::{Parser, Subcommand};
-use proxy::config::{Config, LogFormat};
+use proxy::config::Config;
+use proxy::server::ConfigSource;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -23,9 +24,13 @@ struct Cli {
     /// Config file (TOML). Without it the embedded pod-front default is used.
     #[arg(long, short, env = "PODPROXY_CONFIG", global = true)]
     config: Option<PathBuf>,
-    /// Log format, overriding the config: text or json.
+    /// Log format: text or json. Wins over PODPROXY_LOG_FORMAT and the config.
     #[arg(long, global = true, value_parser = ["text", "json"])]
     log_format: Option<String>,
+    /// Log level or tracing filter (e.g. debug, info,proxy=debug). Wins over
+    /// PODPROXY_LOG_LEVEL, RUST_LOG and the config.
+    #[arg(long, global = true)]
+    log_level: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -34,34 +39,65 @@ struct Cli {
 enum Command {
     /// Run the proxy (the default).
     Run,
-    /// Validate the config and print the effective config; exit non-zero when invalid.
-    Check,
+    /// Validate the config, try to bind its addresses, print the effective config; exit 2
+    /// when anything is wrong.
+    Check {
+        /// Do not try to bind the listen addresses (checking a file for a running
+        /// podproxy's reload, whose ports are taken by that podproxy).
+        #[arg(long)]
+        skip_bind: bool,
+    },
     /// Run podproxy with the default layout in front of simulated mlnode and vLLM backends.
-    Demo,
+    Demo {
+        /// Listen on every interface instead of 127.0.0.1 only.
+        #[arg(long)]
+        listen_all: bool,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let logs = LogFlags {
+        format: cli.log_format.clone(),
+        level: cli.log_level.clone(),
+    };
     match cli.command.unwrap_or(Command::Run) {
-        Command::Check => check(cli.config),
+        Command::Check { skip_bind } => check(cli.config, skip_bind),
         Command::Run => {
-            let config = match load(cli.config.as_deref(), cli.log_format.as_deref()) {
+            let config = match load(cli.config.as_deref(), &logs) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
             let source = match &cli.config {
-                Some(p) => proxy::server::ConfigSource::File(p.clone()),
-                None => proxy::server::ConfigSource::Embedded,
+                Some(p) => ConfigSource::File(p.clone()),
+                None => ConfigSource::Embedded,
             };
-            match runtime(Some(config.server.worker_threads)) {
+            match runtime(config.server.worker_threads) {
                 Ok(rt) => rt.block_on(run(config, source)),
                 Err(code) => code,
             }
         }
-        Command::Demo => match runtime(None) {
-            Ok(rt) => rt.block_on(demo::run(cli.log_format.as_deref())),
+        Command::Demo { listen_all } => match runtime(None) {
+            Ok(rt) => rt.block_on(demo::run(&logs, listen_all)),
             Err(code) => code,
         },
+    }
+}
+
+/// `--log-format` / `--log-level` as given.
+pub struct LogFlags {
+    pub format: Option<String>,
+    pub level: Option<String>,
+}
+
+impl LogFlags {
+    /// Applies flag > environment > file to the config's log settings.
+    pub fn apply(&self, config: &mut Config) -> Result<(), String> {
+        config.server.log_format =
+            proxy::logging::effective_format(self.format.as_deref(), config.server.log_format)?;
+        config.server.log_level =
+            proxy::logging::effective_level(self.level.as_deref(), &config.server.log_level);
+        Ok(())
     }
 }
 
@@ -78,16 +114,15 @@ fn runtime(workers: Option<usize>) -> Result<tokio::runtime::Runtime, ExitCode> 
     })
 }
 
-fn load(path: Option<&std::path::Path>, log_format: Option<&str>) -> Result<Config, ExitCode> {
+fn load(path: Option<&std::path::Path>, logs: &LogFlags) -> Result<Config, ExitCode> {
     let mut config = Config::load(path).map_err(|e| {
         eprintln!("podproxy: invalid config ({}): {e}", source_name(path));
         ExitCode::from(2)
     })?;
-    match log_format {
-        Some("json") => config.server.log_format = LogFormat::Json,
-        Some("text") => config.server.log_format = LogFormat::Text,
-        _ => {}
-    }
+    logs.apply(&mut config).map_err(|e| {
+        eprintln!("podproxy: {e}");
+        ExitCode::from(2)
+    })?;
     Ok(config)
 }
 
@@ -95,32 +130,51 @@ fn source_name(path: Option<&std::path::Path>) -> String {
     path.map_or_else(|| "embedded default".into(), |p| p.display().to_string())
 }
 
-fn check(path: Option<PathBuf>) -> ExitCode {
-    match Config::load(path.as_deref()) {
-        Ok(config) => {
-            println!("# effective config ({}): OK", source_name(path.as_deref()));
-            print!("{}", config.to_toml());
-            ExitCode::SUCCESS
-        }
+fn check(path: Option<PathBuf>, skip_bind: bool) -> ExitCode {
+    let name = source_name(path.as_deref());
+    let config = match Config::load(path.as_deref()) {
+        Ok(c) => c,
         Err(e) => {
+            eprintln!("podproxy: invalid config ({name}): {e}");
+            return ExitCode::from(2);
+        }
+    };
+    for w in &config.warnings {
+        eprintln!("podproxy: warning: {w}");
+    }
+    if !skip_bind {
+        let busy = proxy::server::busy_addresses(&config);
+        if !busy.is_empty() {
             eprintln!(
-                "podproxy: invalid config ({}): {e}",
-                source_name(path.as_deref())
+                "podproxy: config ({name}) is valid, but {} cannot be bound:",
+                if busy.len() == 1 {
+                    "one address"
+                } else {
+                    "some addresses"
+                }
             );
-            ExitCode::from(2)
+            for b in &busy {
+                eprintln!("  {b}");
+            }
+            eprintln!("  (checking a file for a running podproxy's reload? add --skip-bind)");
+            return ExitCode::from(2);
         }
     }
+    println!("# effective config ({name}): OK");
+    print!("{}", config.to_toml());
+    ExitCode::SUCCESS
 }
 
-async fn run(config: Config, source: proxy::server::ConfigSource) -> ExitCode {
-    proxy::logging::init(config.server.log_format, &config.server.log_level);
+async fn run(config: Config, source: ConfigSource) -> ExitCode {
+    // Held until the end of `run`: dropping it flushes the buffered log lines.
+    let _log_guard =
+        proxy::logging::init_background(config.server.log_format, &config.server.log_level);
     proxy::signals::raise_fd_limit();
     proxy::signals::catch_hangup_early();
     let server = match proxy::Server::bind(&config).await {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("{e}");
-            eprintln!("podproxy: {e}");
             return ExitCode::FAILURE;
         }
     };

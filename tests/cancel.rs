@@ -1,4 +1,4 @@
-//! Cancellation end to end (design §3 "Cancellation"): when the client goes away (TCP close
+//! Cancellation end to end: when the client goes away (TCP close
 //! or HTTP/2 RST) the upstream request is dropped at once — during prefill before the first
 //! byte, mid-stream, and for non-streaming requests — so vLLM aborts the generation; the
 //! proxy's in-flight counters are released with it.

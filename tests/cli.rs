@@ -1,5 +1,5 @@
 //! The real binary: `check` (embedded default, env, broken files), `PODPROXY_CONFIG`,
-//! `--version`, and SIGTERM drain as PID-1-style process (design §3 "Operations").
+//! `--version`, and SIGTERM drain as PID-1-style process.
 
 mod common;
 mod support;
@@ -25,6 +25,14 @@ const CONFIG_VARS: &[&str] = &[
     "VLLM_URLS",
     "POC_CALLBACK_URL",
     "PODPROXY_LOG_FORMAT",
+    "PODPROXY_LOG_LEVEL",
+    "RUST_LOG",
+    "NO_COLOR",
+    "PODPROXY_TOKEN",
+    "PODPROXY_ALLOW_IPS",
+    "PODPROXY_ALLOW_TRAINING",
+    "PODPROXY_ADMIN_BIND",
+    "PODPROXY_ADMIN_TOKEN",
 ];
 
 fn podproxy() -> Command {
@@ -71,12 +79,12 @@ fn version_flag_prints_the_version() {
 
 #[test]
 fn check_without_config_prints_the_embedded_default() {
-    let (out, stdout, stderr) = run(podproxy().arg("check"));
+    let (out, stdout, stderr) = run(podproxy().args(["check", "--skip-bind"]));
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.contains("embedded default"), "{stdout}");
     for needle in [
         "bind = \"0.0.0.0:8080\"",
-        "bind = \"0.0.0.0:5000\"",
+        "bind = \"0.0.0.0:5050\"",
         "\"http://127.0.0.1:8081\"",
         "\"http://127.0.0.1:5001\"",
         "strip_version_prefix = true",
@@ -84,11 +92,13 @@ fn check_without_config_prints_the_embedded_default() {
         assert!(stdout.contains(needle), "missing {needle}:\n{stdout}");
     }
 
-    let (out, stdout, stderr) = run(podproxy().arg("check").env("POC_PORT", "9999"));
+    let (out, stdout, stderr) = run(podproxy()
+        .args(["check", "--skip-bind"])
+        .env("POC_PORT", "9999"));
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.contains("bind = \"0.0.0.0:9999\""), "{stdout}");
     assert!(!stdout.contains("0.0.0.0:8080"), "{stdout}");
-    assert!(stdout.contains("bind = \"0.0.0.0:5000\""), "{stdout}");
+    assert!(stdout.contains("bind = \"0.0.0.0:5050\""), "{stdout}");
 }
 
 const GOOD: &str = r#"
@@ -154,7 +164,10 @@ fn broken_configs_fail_and_name_the_culprit() {
     for (name, text, needles) in cases {
         assert_ne!(text, GOOD, "{name}: the replacement did not apply");
         let path = scratch_file(&format!("{name}.toml"), text);
-        let (out, stdout, stderr) = run(podproxy().arg("check").arg("--config").arg(&path));
+        let (out, stdout, stderr) = run(podproxy()
+            .args(["check", "--skip-bind"])
+            .arg("--config")
+            .arg(&path));
         assert!(
             !out.status.success(),
             "{name}: accepted a broken config:\n{stdout}"
@@ -169,11 +182,17 @@ fn broken_configs_fail_and_name_the_culprit() {
 
     // The good one passes, so the failures above are the edits'.
     let path = scratch_file("good.toml", GOOD);
-    let (out, _, stderr) = run(podproxy().arg("check").arg("--config").arg(&path));
+    let (out, _, stderr) = run(podproxy()
+        .args(["check", "--skip-bind"])
+        .arg("--config")
+        .arg(&path));
     assert!(out.status.success(), "{stderr}");
 
     let missing = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("no-such-dir/podproxy.toml");
-    let (out, _, stderr) = run(podproxy().arg("check").arg("--config").arg(&missing));
+    let (out, _, stderr) = run(podproxy()
+        .args(["check", "--skip-bind"])
+        .arg("--config")
+        .arg(&missing));
     assert!(!out.status.success());
     assert!(
         stderr.contains(&missing.display().to_string()),
@@ -184,11 +203,169 @@ fn broken_configs_fail_and_name_the_culprit() {
 #[test]
 fn podproxy_config_env_selects_the_file() {
     let path = scratch_file("from_env.toml", GOOD);
-    let (out, stdout, stderr) = run(podproxy().arg("check").env("PODPROXY_CONFIG", &path));
+    let (out, stdout, stderr) = run(podproxy()
+        .args(["check", "--skip-bind"])
+        .env("PODPROXY_CONFIG", &path));
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.contains(&path.display().to_string()), "{stdout}");
     assert!(stdout.contains("bind = \"127.0.0.1:18080\""), "{stdout}");
     assert!(!stdout.contains("0.0.0.0:8080"), "{stdout}");
+}
+
+// ---------------------------------------------------------------------------------------
+// What an operator sees first: check, start lines, log format
+// ---------------------------------------------------------------------------------------
+
+fn one_listener(port: u16, extra: &str) -> String {
+    format!(
+        "{extra}\n[listeners.poc]\nbind = \"127.0.0.1:{port}\"\n\
+         routes = [{{ prefix = \"/\", upstream = \"mlnode\" }}]\n\n\
+         [upstreams.mlnode]\nurls = \"http://127.0.0.1:9\"\n"
+    )
+}
+
+#[test]
+fn check_names_every_address_it_cannot_bind() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let path = scratch_file("busy.toml", &one_listener(port, ""));
+    let (out, stdout, stderr) = run(podproxy().args(["check", "--config"]).arg(&path));
+    assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
+    assert!(
+        stderr.contains(&format!("listeners.poc.bind: 127.0.0.1:{port}: ")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--skip-bind"), "{stderr}");
+    let (out, _, stderr) = run(podproxy()
+        .args(["check", "--skip-bind", "--config"])
+        .arg(&path));
+    assert!(out.status.success(), "{stderr}");
+    drop(taken);
+}
+
+#[test]
+fn check_reports_every_problem_and_every_unset_variable_in_one_run() {
+    let path = scratch_file(
+        "many.toml",
+        "[listeners.poc]\nbind = \"${NOPE_ONE}\"\nroutes = [{ prefix = \"/\", upstream = \"${NOPE_TWO}\" }]\n\
+         [upstreams.mlnode]\nurls = \"${NOPE_THREE}\"\n",
+    );
+    let (out, _, stderr) = run(podproxy().args(["check", "--config"]).arg(&path));
+    assert_eq!(out.status.code(), Some(2));
+    for name in ["NOPE_ONE", "NOPE_TWO", "NOPE_THREE"] {
+        assert!(stderr.contains(name), "{name}: {stderr}");
+    }
+    let path = scratch_file(
+        "types.toml",
+        "[listeners.poc]\nbind = \"127.0.0.1:0\"\nmax_connections = \"lots\"\nroutes = [{ prefix = \"/\", upstream = \"mlnode\" }]\n\
+         [upstreams.mlnode]\nurls = 8081\nresponse_timeout = \"5\"\n",
+    );
+    let (out, _, stderr) = run(podproxy().args(["check", "--config"]).arg(&path));
+    assert_eq!(out.status.code(), Some(2));
+    for needle in [
+        "listeners.poc.max_connections",
+        "like 500",
+        "upstreams.mlnode.urls",
+        "a string or an array of strings",
+    ] {
+        assert!(stderr.contains(needle), "{needle}: {stderr}");
+    }
+}
+
+#[test]
+fn check_warns_about_an_open_public_listener() {
+    let path = scratch_file(
+        "open.toml",
+        &one_listener(0, "").replace("127.0.0.1:0", "0.0.0.0:0"),
+    );
+    let (out, _, stderr) = run(podproxy().args(["check", "--config"]).arg(&path));
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: listener poc on 0.0.0.0:0 has no gate"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_public_admin_without_a_token_does_not_start() {
+    let path = scratch_file(
+        "admin.toml",
+        &one_listener(0, "[admin]\nbind = \"0.0.0.0:0\"\n"),
+    );
+    let (out, _, stderr) = run(podproxy().arg("--config").arg(&path));
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("admin.bind"), "{stderr}");
+    assert!(stderr.contains("allow_unauthenticated"), "{stderr}");
+}
+
+#[test]
+fn a_port_in_use_is_reported_once_in_the_format_the_environment_asks_for() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    // A file config: the environment still chooses the log format.
+    let path = scratch_file("busy-json.toml", &one_listener(port, ""));
+    let (out, _, stderr) = run(podproxy()
+        .env("PODPROXY_LOG_FORMAT", "json")
+        .arg("--config")
+        .arg(&path));
+    assert!(!out.status.success());
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("cannot bind"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    let v: serde_json::Value =
+        serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    assert_eq!(v["level"], "ERROR");
+    // The flag wins over the environment; no colour codes into a file or pipe.
+    let (_, _, stderr) = run(podproxy()
+        .env("PODPROXY_LOG_FORMAT", "json")
+        .args(["--log-format", "text", "--config"])
+        .arg(&path));
+    assert!(stderr.contains("ERROR"), "{stderr}");
+    assert!(!stderr.contains('{'), "{stderr}");
+    assert!(
+        !stderr.contains('\x1b'),
+        "colour codes in a pipe: {stderr:?}"
+    );
+    drop(taken);
+}
+
+#[tokio::test]
+async fn the_first_lines_say_which_config_runs_and_what_it_serves() {
+    let vllm = VllmSim::start(VllmConfig::default()).await.unwrap();
+    let running = Running::start("summary", "5s", &vllm.url()).await;
+    let logs = eventually_logged(&running, "starting:").await;
+    let line = logs.lines().find(|l| l.contains("starting:")).unwrap();
+    assert!(line.contains("summary.toml"), "{line}");
+    assert!(
+        line.contains(&format!(
+            "listeners: inference 127.0.0.1:{} [/->vllm]",
+            running.port
+        )),
+        "{line}"
+    );
+    assert!(
+        line.contains(&format!("upstreams: vllm {}", vllm.url())),
+        "{line}"
+    );
+    assert!(!logs.contains('\x1b'), "colour codes in a file: {logs:?}");
+}
+
+/// The log file once it holds `needle` (the writer thread flushes soon after a line).
+async fn eventually_logged(running: &Running, needle: &str) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let logs = running.logs();
+        if logs.contains(needle) {
+            return logs;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never logged {needle:?}:\n{logs}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -48,9 +48,9 @@ fn cert_dir() -> &'static str {
 fn check(path: Option<&str>) -> (bool, String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_podproxy"));
     if let Some(p) = path {
-        cmd.args(["check", "--config", p]);
+        cmd.args(["check", "--skip-bind", "--config", p]);
     } else {
-        cmd.arg("check");
+        cmd.args(["check", "--skip-bind"]);
     }
     let out = cmd
         .env_remove("PODPROXY_CONFIG")
@@ -74,7 +74,7 @@ fn embedded_default_and_examples_pass_check() {
     let (ok, stdout, stderr) = check(None);
     assert!(ok, "embedded default: {stderr}");
     assert!(
-        stdout.contains("0.0.0.0:8080") && stdout.contains("0.0.0.0:5000"),
+        stdout.contains("0.0.0.0:8080") && stdout.contains("0.0.0.0:5050"),
         "{stdout}"
     );
 
@@ -107,7 +107,7 @@ fn example_needing_a_variable_names_it_when_unset() {
         "/config/examples/pod-front-8gpu.toml"
     );
     let out = Command::new(env!("CARGO_BIN_EXE_podproxy"))
-        .args(["check", "--config", path])
+        .args(["check", "--skip-bind", "--config", path])
         .env_remove("NETWORK_NODE_CALLBACK")
         .output()
         .expect("run podproxy check");

@@ -1,5 +1,5 @@
 //! What reaches the upstream, and what comes back: raw paths, version prefixes, header
-//! rules, bodies and statuses (design §2–3).
+//! rules, bodies and statuses.
 
 mod common;
 mod support;

@@ -724,6 +724,8 @@ async fn the_runpod_bridge_example_gets_a_dapi_inference_up_through_the_hop() {
     let sim = MlnodeSim::start(MlnodeConfig {
         // Several times the hop's limit, whatever the example's poll interval (5 s) is.
         inference_up_delay: HOP * 5,
+        // A newer mlnode image: the DAPI's header-less body needs json_content_type.
+        strict_content_type: true,
         ..Default::default()
     })
     .await
@@ -734,7 +736,12 @@ async fn the_runpod_bridge_example_gets_a_dapi_inference_up_through_the_hop() {
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     assert_eq!(&body[..], br#"{"status":"OK"}"#);
     assert_eq!(hop.cut(), 0);
-    assert!(proxied(&sim.recorder())
-        .iter()
-        .all(|r| r.target != "/api/v1/inference/up"));
+    let calls = proxied(&sim.recorder());
+    assert!(calls.iter().all(|r| r.target != "/api/v1/inference/up"));
+    assert_eq!(calls[0].target, "/api/v1/inference/up/async");
+    assert_eq!(
+        calls[0].header("content-type").as_deref(),
+        Some("application/json")
+    );
+    assert_eq!(calls[0].body_str(), UP_BODY);
 }

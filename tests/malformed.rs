@@ -62,7 +62,7 @@ impl Bench {
         }
         drop(conn);
         let seen = self.marker_then_collect().await;
-        // Shown with `--nocapture`: the source of the README's malformed-HTTP table.
+        // Shown with `--nocapture`: the source of the malformed-input table in docs/hardening.md.
         eprintln!(
             "case {:?}: status {:?}, more {:?}, backend saw {:?}",
             String::from_utf8_lossy(&raw[..raw.len().min(60)]),

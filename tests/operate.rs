@@ -1,4 +1,4 @@
-//! Operating podproxy (design §3 "Operations", issue 6), end to end through the admin API:
+//! Operating podproxy, end to end through the admin API:
 //! exact Prometheus counts after a known set of requests (bounded labels, no raw paths or
 //! request ids), readiness that follows backend health, `/backends`, the redacted `/config`,
 //! the admin token; config reloads (`POST /reload`, SIGHUP to the real binary) under
@@ -376,7 +376,10 @@ struct Live {
 
 impl Live {
     async fn start(name: &str, toml: &str) -> Live {
-        proxy::logging::init(proxy::config::LogFormat::Text, "off");
+        proxy::logging::init(
+            proxy::config::LogFormat::Text,
+            &proxy::logging::effective_level(None, "off"),
+        );
         let dir = scratch_dir(name);
         let path = dir.join("podproxy.toml");
         std::fs::write(&path, toml).unwrap();
@@ -788,11 +791,19 @@ callback_origin = "http://203.0.113.7:9100"
         )
     };
     assert_eq!((req("2xx"), req("4xx")), (2.0, 2.0));
-    assert_eq!(
-        s.get("podproxy_upstream_errors_total", &[]),
-        None,
-        "a refused PoC body is not an upstream error"
-    );
+    // Listed from the start at 0; a refused PoC body does not count.
+    for kind in [
+        "upstream_connect",
+        "upstream_broken",
+        "upstream_timeout",
+        "stream_aborted",
+    ] {
+        assert_eq!(
+            s.get("podproxy_upstream_errors_total", &[("kind", kind)]),
+            Some(0.0),
+            "a refused PoC body is not an upstream error ({kind})"
+        );
+    }
     let series = s.series();
     for needle in ["poc-batches", "Qwen", "api:9100", "203.0.113.7", "pow/init"] {
         assert!(
@@ -991,7 +1002,7 @@ async fn readiness_backends_and_config_follow_the_backend() {
     )
     .await;
 
-    // The effective config: every default filled in, secrets redacted, loadable again.
+    // The effective config: every default filled in, secrets redacted.
     let (status, headers, text) = admin(addr, Method::GET, "/config", tok).await;
     assert_eq!(status, StatusCode::OK);
     assert!(headers["content-type"]
@@ -1005,9 +1016,18 @@ async fn readiness_backends_and_config_follow_the_backend() {
     assert!(!text.contains(ADMIN_TOKEN), "admin token printed:\n{text}");
     assert!(text.contains("<redacted>"), "{text}");
     assert!(text.contains(&vllm_url), "{text}");
-    let reparsed = proxy::Config::from_toml(&text)
-        .unwrap_or_else(|e| panic!("/config does not load again: {e}\n{text}"));
-    assert_eq!(reparsed.listeners[0].gate.tokens, ["<redacted>"]);
+    // Saved as it is, the printed config refuses to load, naming the placeholder's key
+    // (a placeholder must never become a working token); with the secrets put back, it
+    // loads again with every other setting intact.
+    let e = proxy::Config::from_toml(&text).unwrap_err().to_string();
+    assert!(e.contains("listeners.inference.tokens[0]"), "{e}");
+    assert!(e.contains("admin.token"), "{e}");
+    let restored = text
+        .replacen("\"<redacted>\"", &format!("\"{CLIENT_TOKEN}\""), 1)
+        .replacen("\"<redacted>\"", &format!("\"{ADMIN_TOKEN}\""), 1);
+    let reparsed = proxy::Config::from_toml(&restored)
+        .unwrap_or_else(|e| panic!("/config does not load again: {e}\n{restored}"));
+    assert_eq!(reparsed.listeners[0].gate.tokens, [CLIENT_TOKEN]);
     assert_eq!(
         reparsed.upstreams[0].health.interval,
         Duration::from_millis(100)
@@ -1239,6 +1259,98 @@ async fn twenty_reloads_under_load_lose_no_request() {
         s.value("podproxy_config_reloads_total", &[("kind", "rejected")]),
         2.0
     );
+}
+
+/// The upgrade recipe: a second mlnode version is added next to the running one by a
+/// reload under load; no request fails, and the new version prefix reaches the new node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_adds_a_side_by_side_mlnode_version_under_load() {
+    let old = MlnodeSim::start(MlnodeConfig::default()).await.unwrap();
+    let new = MlnodeSim::start(MlnodeConfig::default()).await.unwrap();
+    let one = |routes: &str, upstreams: &str| {
+        format!(
+            "[admin]\nbind = \"127.0.0.1:0\"\n\n[listeners.poc]\nbind = \"127.0.0.1:0\"\n\
+             strip_version_prefix = true\nroutes = [{routes}\n  {{ prefix = \"/\", upstream = \"mlnode308\", poc = true }},\n]\n\n\
+             [upstreams.mlnode308]\nurls = \"{}\"\n{upstreams}\n[poc]\ncallback_origin = \"http://203.0.113.7:9100\"\n",
+            old.url()
+        )
+    };
+    let before = one("", "");
+    let after = one(
+        "\n  { prefix = \"/v3.0.13/\", upstream = \"mlnode313\", strip_prefix = true, poc = true },",
+        &format!("\n[upstreams.mlnode313]\nurls = \"{}\"\n", new.url()),
+    );
+    let live = Live::start("side-by-side", &before).await;
+    let base = live.url("poc");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut workers = Vec::new();
+    for w in 0..2u64 {
+        let (stop, ok, failures, base) = (stop.clone(), ok.clone(), failures.clone(), base.clone());
+        workers.push(tokio::spawn(async move {
+            let client = http_client();
+            let mut n = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let version = if (w + n).is_multiple_of(2) {
+                    "v3.0.8"
+                } else {
+                    "v3.0.13"
+                };
+                n += 1;
+                let url = format!("{base}/{version}/api/v1/state");
+                let outcome = tokio::time::timeout(WAIT, async {
+                    let resp = client
+                        .request(get(url.clone()))
+                        .await
+                        .map_err(|e| format!("{e:?}"))?;
+                    let status = resp.status();
+                    resp.into_body()
+                        .collect()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok::<_, String>(status)
+                })
+                .await;
+                match outcome {
+                    Ok(Ok(StatusCode::OK)) => {
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                    other => failures.lock().unwrap().push(format!("{url}: {other:?}")),
+                }
+            }
+        }));
+    }
+    let count = ok.clone();
+    eventually("the load is running", move || {
+        count.load(Ordering::SeqCst) >= 8
+    })
+    .await;
+    let (status, v) = live.reload(&after).await;
+    assert_eq!((status, &v), (StatusCode::OK, &json!({"reloaded": true})));
+    new.recorder().clear();
+    let seen = ok.load(Ordering::SeqCst);
+    let count = ok.clone();
+    eventually("load continues on the new config", move || {
+        count.load(Ordering::SeqCst) >= seen + 8
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for w in workers {
+        bounded("worker stops", w).await.unwrap();
+    }
+    let failures = failures.lock().unwrap().clone();
+    assert!(failures.is_empty(), "{failures:#?}");
+    // After the reload the new version's requests reach the new node, prefix stripped.
+    let got = proxied(&new.recorder());
+    assert!(!got.is_empty(), "nothing reached the new mlnode");
+    assert!(got.iter().all(|r| r.target == "/api/v1/state"), "{got:?}");
+    assert!(old
+        .recorder()
+        .all()
+        .iter()
+        .all(|r| r.target == "/api/v1/state" || r.target == "/health"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,4 +1,4 @@
-//! Upstream pools end to end (design §3 "Upstream pools", issue 3): several vLLM backends
+//! Upstream pools end to end: several vLLM backends
 //! behind one upstream — least outstanding requests, active health checks, passive ejection
 //! with retry on another backend, the stuck-engine guard, admission (`max_concurrent` +
 //! bounded queue), port ranges with gaps, and in-flight counters that never leak.

@@ -1,4 +1,4 @@
-//! Listener limits (design §3 "Timeouts", §6): the client header timeout (slowloris guard,
+//! Listener limits: the client header timeout (slowloris guard,
 //! also before HTTP/1-vs-2 detection), the per-listener connection cap, and HTTP/1.1 and
 //! h2c prior knowledge on one port.
 

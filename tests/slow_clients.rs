@@ -9,7 +9,7 @@
 //! without a request) and the connection cap live in `server_limits.rs`.
 //!
 //! Every wait is bounded; the only sleeps are the pace of a deliberately slow client.
-//! Limits exercised (README "Timeouts" and "Limits"):
+//! Limits exercised (docs/configuration.md "Timeouts", docs/hardening.md "Limits"):
 //! - listener `header_timeout` (default 10 s): a request head must arrive within it, and an
 //!   idle HTTP/1 keep-alive connection is closed after it;
 //! - upstream `idle_timeout` (default 10 m): the longest gap between request body frames; a

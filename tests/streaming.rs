@@ -1,4 +1,4 @@
-//! Streaming relay end to end (design §3 "Relay", "Errors"): SSE events are relayed one per
+//! Streaming relay end to end: SSE events are relayed one per
 //! write while the upstream is still producing them, over HTTP/1.1 and HTTP/2 (h2c prior
 //! knowledge); an upstream dying mid-stream aborts the client's response instead of ending
 //! it cleanly; very large bodies stream both ways, and the real binary's memory does not

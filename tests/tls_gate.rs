@@ -1,4 +1,4 @@
-//! The security gate and TLS end to end (issue 5, design §2–3), through a real podproxy on
+//! The security gate and TLS end to end, through a real podproxy on
 //! loopback:
 //!
 //! - listener mTLS with Gonka's own kind of certificates (made here by `openssl` exactly as
@@ -1488,7 +1488,7 @@ fn check(name: &str, text: &str) -> (Option<i32>, String) {
     let path = material().dir.join(format!("check-{name}.toml"));
     std::fs::write(&path, text).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_podproxy"))
-        .args(["check", "--config"])
+        .args(["check", "--skip-bind", "--config"])
         .arg(&path)
         .env_remove("PODPROXY_CONFIG")
         .output()
@@ -1748,7 +1748,7 @@ fn check_reports_bad_tls_and_gate_settings_by_key_without_panicking() {
     let path = m.dir.join("check-good.toml");
     std::fs::write(&path, &good).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_podproxy"))
-        .args(["check", "--config"])
+        .args(["check", "--skip-bind", "--config"])
         .arg(&path)
         .output()
         .expect("run podproxy check");

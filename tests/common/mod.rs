@@ -26,7 +26,10 @@ impl Proxy {
         let config = proxy::Config::from_toml(toml)
             .unwrap_or_else(|e| panic!("bad test config: {e}\n{toml}"));
         // Quiet unless RUST_LOG asks: failures are reported by the assertions.
-        proxy::logging::init(proxy::config::LogFormat::Text, "off");
+        proxy::logging::init(
+            proxy::config::LogFormat::Text,
+            &proxy::logging::effective_level(None, "off"),
+        );
         let server = proxy::Server::bind(&config).await.expect("bind");
         let addrs = config
             .listeners

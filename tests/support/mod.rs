@@ -353,6 +353,15 @@ pub async fn h2c_send(
 /// `127.0.0.1:0` and the upstreams pointed at test backends; everything else (timeouts,
 /// routes, version-prefix stripping) exactly as shipped.
 pub fn embedded_default_on_loopback(mlnode_url: &str, vllm_urls: &str) -> String {
+    embedded_default_with_env(mlnode_url, vllm_urls, &[])
+}
+
+/// `embedded_default_on_loopback` with more of the embedded default's env vars set.
+pub fn embedded_default_with_env(
+    mlnode_url: &str,
+    vllm_urls: &str,
+    env: &[(&str, &str)],
+) -> String {
     let text = proxy::config::EMBEDDED_DEFAULT;
     assert_eq!(
         text.matches("bind = \"0.0.0.0:").count(),
@@ -364,7 +373,11 @@ pub fn embedded_default_on_loopback(mlnode_url: &str, vllm_urls: &str) -> String
         "POC_PORT" | "INFERENCE_PORT" => Some("0".into()),
         "MLNODE_URL" => Some(mlnode_url.into()),
         "VLLM_URLS" => Some(vllm_urls.into()),
-        _ => None,
+        "PODPROXY_ADMIN_BIND" => Some("127.0.0.1:0".into()),
+        other => env
+            .iter()
+            .find(|(k, _)| *k == other)
+            .map(|(_, v)| v.to_string()),
     })
     .expect("expand embedded default")
 }

@@ -54,7 +54,8 @@ pub struct Exchange {
     pub slot: Option<InFlight>,
     /// Route prefix (a bounded metrics label), once routed.
     pub route: Option<Arc<str>>,
-    /// `kind` of podproxy's own error response, for the upstream-error counter.
+    /// `kind` of podproxy's own error response when it is an upstream failure, for the
+    /// upstream-error counter.
     pub error_kind: Option<&'static str>,
     pub series: Arc<ListenerSeries>,
     /// The upstream's series, once routed.
@@ -128,7 +129,7 @@ impl Exchange {
             }
             let kind = match (outcome, self.error_kind) {
                 (Outcome::Aborted, _) => Some("stream_aborted"),
-                (Outcome::Refused, Some(k)) if k.starts_with("upstream") => Some(k),
+                (Outcome::Refused, Some(k)) => Some(k),
                 _ => None,
             };
             if let Some(kind) = kind {

@@ -47,11 +47,138 @@ enum Source {
     Full(Option<Bytes>),
     /// A `Replayable` body: taken out of its slot on first poll.
     Slot {
-        slot: Arc<Mutex<Option<Incoming>>>,
-        taken: Option<Incoming>,
+        slot: Arc<Mutex<Option<Pending>>>,
+        taken: Option<Pending>,
     },
     /// A body made by another module (the SSE keep-alive stream), polled as it is.
     Boxed(Pin<Box<dyn Body<Data = Bytes, Error = BodyError> + Send>>),
+}
+
+/// A request body not yet relayed: frames already read (by `Prefetched::read`), then the
+/// rest, still in hyper's hands.
+struct Pending {
+    frames: std::collections::VecDeque<Bytes>,
+    trailers: Option<http::HeaderMap>,
+    /// `None` once the client's body has ended (everything is in `frames`/`trailers`).
+    rest: Option<Incoming>,
+}
+
+impl Pending {
+    fn poll(
+        &mut self,
+        idle: &mut Option<Idle>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if let Some(b) = self.frames.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(b))));
+        }
+        if let Some(t) = self.trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(t))));
+        }
+        match &mut self.rest {
+            Some(body) => poll_stream(body, idle, cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.frames.is_empty()
+            && self.trailers.is_none()
+            && self.rest.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let held: u64 = self.frames.iter().map(|b| b.len() as u64).sum();
+        let rest = self
+            .rest
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + held);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + held);
+        }
+        hint
+    }
+}
+
+/// The first bytes of a streamed request body, read before the upstream request is sent so
+/// that a decision can look at them (is it JSON? which prompt?), with the rest of the body
+/// still unread. Whole frames are kept as they came (no copy); `Replayable::prefetched`
+/// relays them first and then the rest, so the upstream gets the body byte for byte.
+pub struct Prefetched {
+    pending: Pending,
+}
+
+impl Prefetched {
+    /// Reads frames until `enough` says so (it sees every frame held so far), at least
+    /// `limit` bytes are held, or the body ends; `idle` bounds the wait for each frame.
+    pub async fn read(
+        body: Incoming,
+        limit: usize,
+        idle: Duration,
+        mut enough: impl FnMut(&[Bytes]) -> bool,
+    ) -> Result<Prefetched, BodyError> {
+        let mut pending = Pending {
+            frames: std::collections::VecDeque::new(),
+            trailers: None,
+            rest: Some(body),
+        };
+        let mut held = 0usize;
+        let mut idle = Some(Idle::new(idle));
+        while held < limit
+            && pending.trailers.is_none()
+            && !enough(pending.frames.make_contiguous())
+        {
+            let Some(body) = pending.rest.as_mut() else {
+                break;
+            };
+            let next = std::future::poll_fn(|cx| poll_stream(body, &mut idle, cx)).await;
+            if let Some(i) = &mut idle {
+                i.waiting = false;
+            }
+            match next {
+                None => pending.rest = None,
+                Some(Err(e)) => return Err(e),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        held += data.len();
+                        if !data.is_empty() {
+                            pending.frames.push_back(data);
+                        }
+                    }
+                    Err(frame) => pending.trailers = frame.into_trailers().ok(),
+                },
+            }
+            if pending.rest.as_ref().is_some_and(Body::is_end_stream) {
+                pending.rest = None;
+            }
+        }
+        Ok(Prefetched { pending })
+    }
+
+    /// The frames held, in order.
+    pub fn frames(&mut self) -> &[Bytes] {
+        self.pending.frames.make_contiguous()
+    }
+
+    /// Bytes held.
+    pub fn len(&self) -> usize {
+        self.pending.frames.iter().map(Bytes::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.frames.is_empty()
+    }
+}
+
+/// The first byte of a body that is not JSON whitespace, if the frames hold one.
+pub fn first_non_whitespace(frames: &[Bytes]) -> Option<u8> {
+    frames
+        .iter()
+        .flat_map(|f| f.iter())
+        .copied()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
 }
 
 /// A request body that a second attempt can still use as long as the first attempt never
@@ -59,13 +186,26 @@ enum Source {
 /// connect failure leaves it untouched). This is what makes retry-on-connect-failure safe
 /// for POST bodies without buffering them.
 pub struct Replayable {
-    slot: Arc<Mutex<Option<Incoming>>>,
+    slot: Arc<Mutex<Option<Pending>>>,
 }
 
 impl Replayable {
     pub fn new(body: Incoming) -> Self {
+        Self::from_pending(Pending {
+            frames: Default::default(),
+            trailers: None,
+            rest: Some(body),
+        })
+    }
+
+    /// A body whose first frames were already read: they are relayed first, then the rest.
+    pub fn prefetched(p: Prefetched) -> Self {
+        Self::from_pending(p.pending)
+    }
+
+    fn from_pending(p: Pending) -> Self {
         Replayable {
-            slot: Arc::new(Mutex::new(Some(body))),
+            slot: Arc::new(Mutex::new(Some(p))),
         }
     }
 
@@ -221,7 +361,7 @@ impl Body for Relay {
                     *taken = slot.lock().ok().and_then(|mut s| s.take());
                 }
                 match taken {
-                    Some(body) => poll_stream(body, &mut this.idle, cx),
+                    Some(pending) => pending.poll(&mut this.idle, cx),
                     None => Poll::Ready(Some(Err(BodyError::AlreadyTaken))),
                 }
             }
@@ -248,10 +388,10 @@ impl Body for Relay {
             Source::Stream(b) | Source::Upstream { body: b, .. } => b.is_end_stream(),
             Source::Full(b) => b.is_none(),
             Source::Boxed(b) => b.is_end_stream(),
-            Source::Slot { taken: Some(b), .. } => b.is_end_stream(),
+            Source::Slot { taken: Some(p), .. } => p.is_end_stream(),
             Source::Slot { slot, .. } => slot
                 .lock()
-                .map(|s| s.as_ref().is_none_or(Body::is_end_stream))
+                .map(|s| s.as_ref().is_none_or(Pending::is_end_stream))
                 .unwrap_or(true),
         }
     }
@@ -261,11 +401,11 @@ impl Body for Relay {
             Source::Stream(b) | Source::Upstream { body: b, .. } => b.size_hint(),
             Source::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Source::Boxed(b) => b.size_hint(),
-            Source::Slot { taken: Some(b), .. } => b.size_hint(),
+            Source::Slot { taken: Some(p), .. } => p.size_hint(),
             Source::Slot { slot, .. } => slot
                 .lock()
                 .ok()
-                .and_then(|s| s.as_ref().map(Body::size_hint))
+                .and_then(|s| s.as_ref().map(Pending::size_hint))
                 .unwrap_or_default(),
         }
     }

@@ -98,10 +98,47 @@ impl ProxyError {
         }
     }
 
+    /// A failure of the upstream itself (not of the client's request, and not a policy
+    /// answer): counted per upstream and logged as a warning.
+    pub fn is_upstream_failure(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::Connect { .. }
+                | ProxyError::UpstreamBroken { .. }
+                | ProxyError::UpstreamTimeout { .. }
+        )
+    }
+
+    /// The message a client gets: which upstream (by its config name) and what failed,
+    /// never a backend address or a resolver/socket detail. `Display` (logs) has those.
+    pub fn public_message(&self) -> String {
+        match self {
+            ProxyError::Connect {
+                upstream, detail, ..
+            } => format!(
+                "cannot connect to upstream {upstream}: {}",
+                failure_class(detail)
+            ),
+            ProxyError::UpstreamBroken {
+                upstream, detail, ..
+            } => format!(
+                "upstream {upstream} failed before sending a response: {}",
+                failure_class(detail)
+            ),
+            ProxyError::UpstreamTimeout {
+                upstream, timeout, ..
+            } => format!(
+                "upstream {upstream} sent no response headers within {}",
+                humantime::format_duration(*timeout)
+            ),
+            other => other.to_string(),
+        }
+    }
+
     /// The response sent to the client: `{"error":{"type":..,"message":..}}`.
     pub fn to_response(&self) -> Response<Relay> {
         let body = serde_json::json!({
-            "error": { "type": self.kind(), "message": self.to_string() }
+            "error": { "type": self.kind(), "message": self.public_message() }
         });
         let mut resp = Response::new(Relay::full(body.to_string()));
         *resp.status_mut() = self.status();
@@ -128,6 +165,30 @@ impl ProxyError {
             _ => {}
         }
         resp
+    }
+}
+
+/// What a connection failure was, in a fixed vocabulary: enough for a client to tell a
+/// refused port from a certificate problem, nothing of the resolver's or socket's own text
+/// (which can carry host names and addresses).
+fn failure_class(detail: &str) -> &'static str {
+    let d = detail.to_ascii_lowercase();
+    if d.contains("certificate") {
+        "TLS certificate not accepted"
+    } else if d.contains("tls") || d.contains("handshake") || d.contains("alert") {
+        "TLS handshake failed"
+    } else if d.contains("dns") || d.contains("lookup") || d.contains("resolve") {
+        "host name not resolved"
+    } else if d.contains("refused") {
+        "connection refused"
+    } else if d.contains("timed out") || d.contains("timeout") {
+        "timed out"
+    } else if d.contains("reset") || d.contains("closed") || d.contains("broken pipe") {
+        "connection closed"
+    } else if d.contains("parse") || d.contains("invalid") {
+        "invalid HTTP response"
+    } else {
+        "connection failed"
     }
 }
 
@@ -214,6 +275,42 @@ mod tests {
         for (err, status, kind) in cases {
             assert_eq!(err.status().as_u16(), status, "{err}");
             assert_eq!(err.kind(), kind);
+            assert_eq!(err.is_upstream_failure(), kind.starts_with("upstream_"));
+            // Clients never see a backend address; logs (Display) do.
+            let public = err.public_message();
+            assert!(!public.contains("127.0.0.1"), "{public}");
+            if err.is_upstream_failure() {
+                assert!(err.to_string().contains("127.0.0.1:5001"), "{err}");
+                assert!(public.contains("vllm"), "{public}");
+            }
+        }
+    }
+
+    #[test]
+    fn public_messages_classify_without_quoting_the_detail() {
+        let connect = |detail: &str| ProxyError::Connect {
+            upstream: "mlnode".into(),
+            backend: "http://mlnode-308:8080".into(),
+            detail: detail.into(),
+        };
+        for (detail, class) in [
+            (
+                "dns error: failed to lookup address information: mlnode-308",
+                "host name not resolved",
+            ),
+            (
+                "tcp connect error: Connection refused (os error 111)",
+                "connection refused",
+            ),
+            (
+                "invalid peer certificate: UnknownIssuer",
+                "TLS certificate not accepted",
+            ),
+            ("something odd at 10.0.0.7", "connection failed"),
+        ] {
+            let m = connect(detail).public_message();
+            assert_eq!(m, format!("cannot connect to upstream mlnode: {class}"));
+            assert!(!m.contains("mlnode-308") && !m.contains("10.0.0.7"), "{m}");
         }
     }
 

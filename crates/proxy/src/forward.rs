@@ -4,7 +4,7 @@
 //! one JSON response through `ProxyError::to_response`.
 
 use crate::access_log::{CountIn, Exchange};
-use crate::body::{Relay, Replayable};
+use crate::body::{first_non_whitespace, Prefetched, Relay, Replayable};
 use crate::error::ProxyError;
 use crate::gate::Gate;
 use crate::headers::{self, X_REQUEST_ID};
@@ -22,8 +22,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// What a listener's connections need to forward requests. Shared by all its connections;
-/// a connection keeps the context it started with, so a reload never changes a request
-/// mid-flight.
+/// each request loads the current one when it arrives (so a reload reaches open keep-alive
+/// connections) and keeps it to its end, so a reload never changes a request mid-flight.
 pub struct ListenerCtx {
     pub name: Arc<str>,
     pub routes: RouteTable,
@@ -81,7 +81,7 @@ pub async fn handle(
         Ok(resp) => resp,
         Err(e) => {
             ex.error = Some(e.to_string());
-            ex.error_kind = Some(e.kind());
+            ex.error_kind = e.is_upstream_failure().then(|| e.kind());
             ex.refused = true;
             e.to_response()
         }
@@ -120,14 +120,23 @@ async fn forward(
         .check_request(path_and_query.path(), &mut parts.headers)?;
     prepare_request_headers(&mut parts, peer, ctx.proto)?;
     let idle = upstream.cfg.idle_timeout;
-    if let Some(lc) = crate::longcall::applies(
+    // Only a route that asks for it, and only a request without any Content-Type: every
+    // other request goes on without looking at its body.
+    let add_type =
+        matched.route.json_content_type && !parts.headers.contains_key(header::CONTENT_TYPE);
+    if let Some(cfg) = crate::longcall::applies(
         matched.route.long_call,
         &parts.method,
         path_and_query.path(),
     ) {
-        let metrics = ctx.series.metrics();
-        let query = path_and_query.query();
-        return crate::longcall::inference_up(upstream, lc, parts, query, body, ex, metrics).await;
+        let call = crate::longcall::Call {
+            upstream,
+            cfg,
+            query: path_and_query.query(),
+            json_content_type: add_type,
+            series: &ctx.series,
+        };
+        return crate::longcall::inference_up(call, parts, body, ex).await;
     }
     let sniff =
         crate::sse_keepalive::candidate(matched.route.sse_keepalive, &parts.method, &parts.headers)
@@ -135,11 +144,18 @@ async fn forward(
     // Set once the body says `"stream": true`.
     let mut keepalive = None;
     let body = if poc_body {
-        let bytes = ctx
+        let (bytes, received) = ctx
             .poc
             .guard_body(body, &mut parts.headers, idle, path_and_query.path())
             .await?;
-        ex.bytes_in.store(bytes.len() as u64, Ordering::Relaxed);
+        ex.bytes_in.store(received, Ordering::Relaxed);
+        if add_type {
+            json_content_type(
+                &mut parts.headers,
+                std::slice::from_ref(&bytes),
+                &ctx.series,
+            );
+        }
         RequestBody::Full(bytes)
     } else if body.is_end_stream() {
         RequestBody::Full(Bytes::new())
@@ -147,7 +163,25 @@ async fn forward(
         let bytes = crate::sse_keepalive::read_body(body, idle).await?;
         ex.bytes_in.store(bytes.len() as u64, Ordering::Relaxed);
         keepalive = crate::sse_keepalive::is_stream_request(&bytes).then_some(every);
+        if add_type {
+            json_content_type(
+                &mut parts.headers,
+                std::slice::from_ref(&bytes),
+                &ctx.series,
+            );
+        }
         RequestBody::Full(bytes)
+    } else if add_type {
+        // The header must be in the head, and the head goes before any body byte: wait
+        // for the body's first non-blank byte (bounded). The DAPI writes a small body
+        // together with its head, so this costs no round trip in practice.
+        let mut pre = Prefetched::read(body, SNIFF_LIMIT, idle, |f| {
+            first_non_whitespace(f).is_some()
+        })
+        .await
+        .map_err(|e| ProxyError::RequestBody(e.to_string()))?;
+        json_content_type(&mut parts.headers, pre.frames(), &ctx.series);
+        RequestBody::Stream(Replayable::prefetched(pre))
     } else {
         RequestBody::Stream(Replayable::new(body))
     };
@@ -217,6 +251,25 @@ async fn forward(
     ))
 }
 
+/// How far `json_content_type` reads into a body looking for its first non-blank byte.
+const SNIFF_LIMIT: usize = 4096;
+
+/// Adds `Content-Type: application/json` when the body starts like JSON (`{` or `[` after
+/// blanks), and counts it.
+pub(crate) fn json_content_type(
+    headers: &mut http::HeaderMap,
+    frames: &[Bytes],
+    series: &ListenerSeries,
+) {
+    if matches!(first_non_whitespace(frames), Some(b'{' | b'[')) {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        series.content_type_added().inc();
+    }
+}
+
 /// The request body as the attempts see it.
 enum RequestBody {
     /// In memory (empty, or a checked PoC body): any attempt can send it.
@@ -243,7 +296,7 @@ impl RequestBody {
     }
 }
 
-/// Header rules for the upstream request (design §3). `Host` is kept as the client sent it;
+/// Header rules for the upstream request. `Host` is kept as the client sent it;
 /// an HTTP/2 client sends `:authority` instead, which becomes `Host` for the HTTP/1.1 hop.
 fn prepare_request_headers(
     parts: &mut http::request::Parts,

@@ -11,6 +11,13 @@ use sha2::{Digest, Sha256};
 use std::net::IpAddr;
 use subtle::ConstantTimeEq;
 
+/// The mlnode's training API (`/api/v1/train/start` takes environment variables for the
+/// GPU worker). The DAPI no longer calls it, so it is blocked unless a listener sets
+/// `allow_training = true`. Other destructive endpoints (`/api/v1/stop`, `DELETE
+/// /api/v1/models`, `/api/v1/inference/down`) stay open: the DAPI calls the first two, and
+/// `down` does nothing `stop` does not; a gate (token, allowlist, mTLS) protects them.
+pub const TRAINING_PREFIX: &str = "/api/v1/train/";
+
 /// Tokens from a file: one per line, blank lines and `#` comments ignored.
 pub fn read_token_file(path: &str) -> Result<Vec<String>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
@@ -60,7 +67,9 @@ impl Gate {
             block: cfg
                 .block_paths
                 .iter()
-                .map(|p| normalize_for_match(p))
+                .map(String::as_str)
+                .chain((!cfg.allow_training).then_some(TRAINING_PREFIX))
+                .map(normalize_for_match)
                 .collect(),
         })
     }
@@ -161,6 +170,7 @@ mod tests {
             token_exempt: exempt.iter().map(|s| s.to_string()).collect(),
             allow_ips: allow.iter().map(|s| parse_net(s).unwrap()).collect(),
             block_paths: block.iter().map(|s| s.to_string()).collect(),
+            allow_training: true,
         })
         .unwrap()
     }
@@ -244,6 +254,31 @@ mod tests {
         for p in ["/api/v1/training", "/api/v1/state", "/"] {
             assert!(g.check_request(p, &mut HeaderMap::new()).is_ok(), "{p}");
         }
+    }
+
+    #[test]
+    fn training_is_blocked_unless_allowed() {
+        let blocked = Gate::new(&GateConfig::default()).unwrap();
+        for p in [
+            "/api/v1/train/start",
+            "/api/v1/%74rain/start",
+            "/api/v1/train",
+        ] {
+            assert!(
+                matches!(
+                    blocked.check_request(p, &mut HeaderMap::new()),
+                    Err(ProxyError::Forbidden(_))
+                ),
+                "{p}"
+            );
+        }
+        assert!(blocked
+            .check_request("/api/v1/state", &mut HeaderMap::new())
+            .is_ok());
+        let open = gate(&[], &[], &[], &[]);
+        assert!(open
+            .check_request("/api/v1/train/start", &mut HeaderMap::new())
+            .is_ok());
     }
 
     #[test]

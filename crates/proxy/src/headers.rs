@@ -1,4 +1,4 @@
-//! Header rules of a hop (design §3): hop-by-hop removal, forwarding headers, request id.
+//! Header rules of a hop: hop-by-hop removal, forwarding headers, request id.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use std::net::IpAddr;

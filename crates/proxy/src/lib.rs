@@ -1,5 +1,5 @@
-//! podproxy: a streaming reverse proxy for Gonka ML nodes. See the README and
-//! design.md for the behaviour contract; `forward` reads as one request's way.
+//! podproxy: a streaming reverse proxy for Gonka ML nodes. docs/architecture.md describes
+//! the request's way through these modules; `forward` reads as one request's way.
 
 pub mod access_log;
 pub mod admin;

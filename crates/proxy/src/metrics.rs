@@ -79,6 +79,8 @@ pub struct Metrics {
     pub poc_rewritten: Counter,
     pub poc_refused: Counter,
     pub callbacks_relayed: Family<ListenerLabel, Counter>,
+    pub content_type_added: Family<ListenerLabel, Counter>,
+    log_dropped: Counter,
     pub reloads: Family<ResultLabel, Counter>,
     /// Long-call mode and SSE keep-alive (`longcall`, `sse_keepalive`).
     pub long_calls: crate::longcall::LongCallMetrics,
@@ -110,6 +112,8 @@ impl Metrics {
             poc_rewritten: Counter::default(),
             poc_refused: Counter::default(),
             callbacks_relayed: Family::default(),
+            content_type_added: Family::default(),
+            log_dropped: Counter::default(),
             reloads: Family::default(),
             long_calls: Default::default(),
         };
@@ -195,6 +199,16 @@ impl Metrics {
             m.callbacks_relayed.clone(),
         );
         r.register(
+            "content_type_added",
+            "Header-less JSON request bodies given Content-Type: application/json (json_content_type routes)",
+            m.content_type_added.clone(),
+        );
+        r.register(
+            "log_lines_dropped",
+            "Log lines dropped because stderr could not keep up (the writer never blocks requests)",
+            m.log_dropped.clone(),
+        );
+        r.register(
             "config_reloads",
             "Config reloads by result",
             m.reloads.clone(),
@@ -229,6 +243,11 @@ impl Metrics {
                     .get_or_create(&l)
                     .set(u.idle_connections_of(i) as i64);
             }
+        }
+        let dropped = crate::logging::dropped_lines();
+        let seen = self.log_dropped.get();
+        if dropped > seen {
+            self.log_dropped.inc_by(dropped - seen);
         }
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
@@ -277,6 +296,7 @@ pub struct ListenerSeries {
     bytes_out: Series<Counter>,
     streams: Series<Gauge>,
     callbacks: Series<Counter>,
+    content_type: Series<Counter>,
     /// Requests by route label (routes are few: a linear scan by pointer) and class.
     requests: Vec<(Arc<str>, [Series<Counter>; CLASSES])>,
 }
@@ -290,7 +310,7 @@ impl ListenerSeries {
             .chain(std::iter::once(Arc::from("-")))
             .map(|r| (r, std::array::from_fn(|_| Series::new())))
             .collect();
-        ListenerSeries {
+        let series = ListenerSeries {
             metrics,
             listener: listener.to_string(),
             duration: Series::new(),
@@ -298,8 +318,14 @@ impl ListenerSeries {
             bytes_out: Series::new(),
             streams: Series::new(),
             callbacks: Series::new(),
+            content_type: Series::new(),
             requests,
-        }
+        };
+        // Counters that dashboards and alerts compare against are listed from the start
+        // (at 0), not only after their first event.
+        series.callbacks_relayed();
+        series.content_type_added();
+        series
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -358,7 +384,21 @@ impl ListenerSeries {
         self.callbacks
             .get(&self.metrics.callbacks_relayed, || self.label())
     }
+
+    pub fn content_type_added(&self) -> &Counter {
+        self.content_type
+            .get(&self.metrics.content_type_added, || self.label())
+    }
 }
+
+/// The `kind` label values of `upstream_errors`: podproxy's own upstream error responses
+/// (`ProxyError::kind` of the upstream failures) and streams aborted mid-body.
+pub const UPSTREAM_ERROR_KINDS: [&str; 4] = [
+    "upstream_connect",
+    "upstream_broken",
+    "upstream_timeout",
+    "stream_aborted",
+];
 
 /// The series one upstream's exchanges record into.
 pub struct UpstreamSeries {
@@ -371,6 +411,14 @@ pub struct UpstreamSeries {
 
 impl UpstreamSeries {
     pub fn new(metrics: Arc<Metrics>, upstream: &str) -> Self {
+        // Every failure kind is listed from the start (at 0), so an alert on a rate sees
+        // the series before the first failure.
+        for kind in UPSTREAM_ERROR_KINDS {
+            drop(metrics.upstream_errors.get_or_create(&ErrorLabels {
+                upstream: upstream.to_string(),
+                kind: kind.to_string(),
+            }));
+        }
         UpstreamSeries {
             metrics,
             upstream: upstream.to_string(),

@@ -14,14 +14,15 @@ use serde::Serialize;
 use std::ops::Range;
 use std::time::Duration;
 
-/// The PoC endpoints whose bodies carry a callback `url` (design §2; `/pow/init` is the
-/// mlnode's plain init, same body type).
+/// The PoC endpoints whose bodies carry a callback `url`. PoC v2 first: it runs inside
+/// vLLM and is what the DAPI uses today (it dropped the v1 callback routes in v0.2.12);
+/// v1 stays for older nodes (`/pow/init` is the mlnode's plain init, same body type).
 pub const DEFAULT_PATHS: [&str; 5] = [
+    "/api/v1/inference/pow/init/generate",
+    "/api/v1/inference/pow/generate",
     "/api/v1/pow/init",
     "/api/v1/pow/init/generate",
     "/api/v1/pow/init/validate",
-    "/api/v1/inference/pow/init/generate",
-    "/api/v1/inference/pow/generate",
 ];
 
 /// Retried PoC batches reach tens of MB; the bound only stops a body from eating memory.
@@ -130,14 +131,14 @@ impl Poc {
     }
 
     /// Reads the body (bounded, idle-timed), checks/rewrites it, and returns the body to
-    /// forward with `Content-Length` fixed.
+    /// forward with `Content-Length` fixed, and how many bytes the client sent.
     pub async fn guard_body(
         &self,
         body: Incoming,
         headers: &mut HeaderMap,
         idle: Duration,
         path: &str,
-    ) -> Result<Bytes, ProxyError> {
+    ) -> Result<(Bytes, u64), ProxyError> {
         let limit = self.cfg.max_body_bytes;
         let declared = headers
             .get(header::CONTENT_LENGTH)
@@ -159,10 +160,11 @@ impl Poc {
                 }
             })?
             .to_bytes();
+        let received = collected.len() as u64;
         match self.check(collected) {
             Verdict::Forward(bytes) => {
                 headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-                Ok(bytes)
+                Ok((bytes, received))
             }
             Verdict::Refuse(reason) => {
                 self.refused.inc();
@@ -203,7 +205,7 @@ impl Poc {
                 Ok(Some(new_url)) => new_url,
                 Err(reason) => return Verdict::Refuse(reason),
             };
-            tracing::info!(from = origin, to = %replacement, "PoC callback url rewritten");
+            tracing::info!(from = %url, to = %replacement, "PoC callback url rewritten");
             self.rewritten.inc();
             let buf = out.get_or_insert_with(|| BytesMut::with_capacity(body.len() + 64));
             buf.extend_from_slice(&body[copied..span.start]);

@@ -11,6 +11,11 @@ pub struct Route {
     pub upstream: usize,
     pub strip_prefix: bool,
     pub poc: bool,
+    /// Add `Content-Type: application/json` to header-less JSON bodies.
+    pub json_content_type: bool,
+    /// The prefix is itself a version segment (`/v3.0.13/`): on a version-stripping
+    /// listener it is matched before the strip, so side-by-side mlnode versions work.
+    pub versioned: bool,
     /// Long-call mode for `inference/up` (`longcall`), when on.
     pub long_call: Option<crate::longcall::LongCallConfig>,
     /// SSE keep-alive interval (`sse_keepalive`), when on.
@@ -45,6 +50,8 @@ impl RouteTable {
                     upstream: upstream_index(&r.upstream)?,
                     strip_prefix: r.strip_prefix,
                     poc: r.poc,
+                    json_content_type: r.json_content_type,
+                    versioned: version_segment_len(&r.prefix).is_some(),
                     long_call: r.inference_up_async,
                     sse_keepalive: r.sse_keepalive,
                     label: r.prefix.as_str().into(),
@@ -65,7 +72,14 @@ impl RouteTable {
 
     /// Routes a raw `path?query` (origin-form request-target).
     pub fn resolve(&self, path_and_query: &str) -> Option<Matched<'_>> {
-        let target = if self.strip_version_prefix {
+        // A route for one version (an upgrade running side by side) wins over the strip.
+        let raw_path = split_query(path_and_query).0;
+        let versioned = self.strip_version_prefix
+            && self
+                .routes
+                .iter()
+                .any(|r| r.versioned && raw_path.starts_with(&r.prefix));
+        let target = if self.strip_version_prefix && !versioned {
             strip_version_segment(path_and_query)
         } else {
             std::borrow::Cow::Borrowed(path_and_query)
@@ -180,6 +194,7 @@ mod tests {
             bind: "127.0.0.1:0".parse().unwrap(),
             strip_version_prefix: strip_version,
             max_connections: 1,
+            max_connections_per_source: None,
             header_timeout: std::time::Duration::from_secs(1),
             send_timeout: std::time::Duration::from_secs(1),
             routes: routes
@@ -189,6 +204,7 @@ mod tests {
                     upstream: u.to_string(),
                     strip_prefix: *s,
                     poc: false,
+                    json_content_type: false,
                     inference_up: Default::default(),
                     inference_up_async: None,
                     sse_keepalive: None,
@@ -221,6 +237,39 @@ mod tests {
             Some((0, "/api/v1/state".into()))
         );
         assert_eq!(resolve(&t, "/v1"), Some((0, "/v1".into())));
+    }
+
+    #[test]
+    fn a_version_route_wins_over_the_generic_strip() {
+        let t = table(
+            true,
+            &[
+                ("/v3.0.13/", "vllm", true),
+                ("/v1/", "vllm", false),
+                ("/", "mlnode", false),
+            ],
+        );
+        assert_eq!(
+            resolve(&t, "/v3.0.13/api/v1/state?x=1"),
+            Some((1, "/api/v1/state?x=1".into()))
+        );
+        assert_eq!(
+            resolve(&t, "/v3.0.8/api/v1/state"),
+            Some((0, "/api/v1/state".into()))
+        );
+        assert_eq!(
+            resolve(&t, "/api/v1/state"),
+            Some((0, "/api/v1/state".into()))
+        );
+        // Another version, or a longer one that merely starts alike, takes the strip.
+        assert_eq!(
+            resolve(&t, "/v3.0.130/api/v1/state"),
+            Some((0, "/api/v1/state".into()))
+        );
+        assert_eq!(
+            resolve(&t, "/v3.0.8/v1/models"),
+            Some((1, "/v1/models".into()))
+        );
     }
 
     #[test]

@@ -40,6 +40,40 @@ pub enum ConfigSource {
     File(PathBuf),
 }
 
+impl std::fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigSource::Fixed => f.write_str("given by the caller (not reloadable)"),
+            ConfigSource::Embedded => f.write_str("embedded default"),
+            ConfigSource::File(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// The listen addresses of `config` (listeners and admin) that cannot be bound now, each
+/// as `key: address: reason`. For `podproxy check`: a port another process holds would
+/// otherwise only show at start.
+pub fn busy_addresses(config: &Config) -> Vec<String> {
+    let binds = config
+        .listeners
+        .iter()
+        .map(|l| (format!("listeners.{}.bind", l.name), l.bind))
+        .chain(
+            config
+                .admin
+                .iter()
+                .map(|a| ("admin.bind".to_string(), a.bind)),
+        );
+    binds
+        .filter(|(_, addr)| addr.port() != 0)
+        .filter_map(|(key, addr)| {
+            std::net::TcpListener::bind(addr)
+                .err()
+                .map(|e| format!("{key}: {addr}: {e}"))
+        })
+        .collect()
+}
+
 type ReloadReply = oneshot::Sender<Result<(), String>>;
 
 /// Asks the running server to reload its config; cheap to clone.
@@ -76,6 +110,7 @@ struct Slot {
     ctx: Arc<ArcSwap<ListenerCtx>>,
     limit: Arc<Semaphore>,
     max: usize,
+    per_source: Arc<PerSource>,
     stop: watch::Sender<bool>,
     tcp: Option<TcpListener>,
     task: Option<JoinHandle<()>>,
@@ -158,6 +193,18 @@ impl Server {
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests and
     /// streams finish for up to the grace period, and returns.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        {
+            let runtime = self.shared.runtime.load();
+            tracing::info!(
+                version = env!("CARGO_PKG_VERSION"),
+                config = %self.source,
+                "starting: {}",
+                runtime.config.summary()
+            );
+            for w in &runtime.config.warnings {
+                tracing::warn!("{w}");
+            }
+        }
         let connections = TaskTracker::new();
         let mut health = HealthTasks::default();
         health.sync(&self.shared.runtime.load().upstreams);
@@ -183,7 +230,13 @@ impl Server {
                     };
                     self.shared.metrics.reloads.get_or_create(&label).inc();
                     match &result {
-                        Ok(()) => tracing::info!("config reloaded"),
+                        Ok(()) => {
+                            let runtime = self.shared.runtime.load();
+                            tracing::info!(config = %self.source, "config reloaded: {}", runtime.config.summary());
+                            for w in &runtime.config.warnings {
+                                tracing::warn!("{w}");
+                            }
+                        }
                         Err(e) => tracing::error!("reload rejected, the running config stays: {e}"),
                     }
                     let _ = reply.send(result);
@@ -299,6 +352,7 @@ impl Slot {
             ctx: Arc::new(ArcSwap::new(ctx)),
             limit: Arc::new(Semaphore::new(l.max_connections)),
             max: l.max_connections,
+            per_source: Arc::new(PerSource::new(l.max_connections_per_source)),
             stop: watch::channel(false).0,
             tcp: Some(tcp),
             task: None,
@@ -313,6 +367,7 @@ impl Slot {
                 tcp,
                 self.ctx.clone(),
                 self.limit.clone(),
+                self.per_source.clone(),
                 self.stop.subscribe(),
                 connections.clone(),
             )));
@@ -330,6 +385,7 @@ impl Slot {
             self.limit.forget_permits(self.max - l.max_connections);
         }
         self.max = l.max_connections;
+        self.per_source.set_limit(l.max_connections_per_source);
     }
 
     async fn stop(&mut self) {
@@ -356,6 +412,7 @@ async fn accept_loop(
     tcp: TcpListener,
     ctx: Arc<ArcSwap<ListenerCtx>>,
     limit: Arc<Semaphore>,
+    per_source: Arc<PerSource>,
     mut stop: watch::Receiver<bool>,
     connections: TaskTracker,
 ) {
@@ -382,13 +439,85 @@ async fn accept_loop(
             },
             _ = crate::conn::stopped(&mut stop) => return,
         };
+        // One address may not hold more than its share: the connection is closed at once
+        // (it never counts against the listener's cap).
+        let Some(source) = per_source.enter(peer.ip()) else {
+            if per_source.warn_once() {
+                tracing::warn!(listener = %name, source = %peer.ip(), "per-source connection cap reached; closing new connections from this address");
+            }
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
         let stop = stop.clone();
         connections.spawn(async move {
             crate::conn::serve(stream, peer, ctx, stop).await;
+            drop(source);
             drop(permit);
         });
+    }
+}
+
+/// Connections per source address of one listener, under `max_connections_per_source`.
+struct PerSource {
+    /// 0 = no cap (nothing is counted then).
+    limit: std::sync::atomic::AtomicUsize,
+    open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    warned: std::sync::atomic::AtomicBool,
+}
+
+impl PerSource {
+    fn new(limit: Option<usize>) -> Self {
+        PerSource {
+            limit: limit.unwrap_or(0).into(),
+            open: Default::default(),
+            warned: false.into(),
+        }
+    }
+
+    fn set_limit(&self, limit: Option<usize>) {
+        self.limit
+            .store(limit.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Counts a new connection from `ip`; `None` when that address is at the cap.
+    fn enter(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<SourceGuard> {
+        let limit = self.limit.load(std::sync::atomic::Ordering::Relaxed);
+        if limit == 0 {
+            return Some(SourceGuard(None));
+        }
+        let ip = ip.to_canonical();
+        let mut open = self.open.lock().ok()?;
+        let n = open.entry(ip).or_insert(0);
+        if *n >= limit {
+            return None;
+        }
+        *n += 1;
+        Some(SourceGuard(Some((self.clone(), ip))))
+    }
+
+    /// True the first time the cap is hit (one WARN line, not one per refused connection).
+    fn warn_once(&self) -> bool {
+        !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Releases a connection's place in its source's count when the connection ends.
+struct SourceGuard(Option<(Arc<PerSource>, std::net::IpAddr)>);
+
+impl Drop for SourceGuard {
+    fn drop(&mut self) {
+        if let Some((ps, ip)) = self.0.take() {
+            if let Ok(mut open) = ps.open.lock() {
+                if let Some(n) = open.get_mut(&ip) {
+                    *n -= 1;
+                    if *n == 0 {
+                        open.remove(&ip);
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -18,19 +18,43 @@ impl fmt::Display for EnvError {
 
 impl std::error::Error for EnvError {}
 
+/// Every expansion problem of a config text, so one run names all missing variables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvErrors(pub Vec<EnvError>);
+
+impl fmt::Display for EnvErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for EnvErrors {}
+
 /// Expands `${VAR}` (error when unset) and `${VAR:-default}` (default when unset or empty).
 /// `$${` yields a literal `${`. Text after a `#` that is outside a quoted string is a TOML
 /// comment and is copied untouched, so comments may mention variables freely.
-pub fn expand(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, EnvError> {
+/// Every problem is reported, not just the first.
+pub fn expand(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, EnvErrors> {
     let mut out = String::with_capacity(text.len());
+    let mut errors = Vec::new();
     for (idx, line) in text.split_inclusive('\n').enumerate() {
-        expand_line(line, idx + 1, &lookup, &mut out)?;
+        expand_line(line, idx + 1, &lookup, &mut out, &mut errors);
     }
-    Ok(out)
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(EnvErrors(errors))
+    }
 }
 
 /// Expands with the process environment.
-pub fn expand_env(text: &str) -> Result<String, EnvError> {
+pub fn expand_env(text: &str) -> Result<String, EnvErrors> {
     expand(text, |name| std::env::var(name).ok())
 }
 
@@ -39,14 +63,15 @@ fn expand_line(
     line_no: usize,
     lookup: &impl Fn(&str) -> Option<String>,
     out: &mut String,
-) -> Result<(), EnvError> {
+    errors: &mut Vec<EnvError>,
+) {
     let mut quote: Option<char> = None;
     let mut rest = line;
     while let Some(c) = rest.chars().next() {
         match c {
             '#' if quote.is_none() => {
                 out.push_str(rest);
-                return Ok(());
+                return;
             }
             '"' | '\'' => {
                 quote = match quote {
@@ -69,13 +94,18 @@ fn expand_line(
             }
             '$' if rest.starts_with("${") => {
                 let Some(end) = rest.find('}') else {
-                    return Err(EnvError {
+                    errors.push(EnvError {
                         line: line_no,
                         reason: "unterminated ${...}".into(),
                     });
+                    out.push_str(rest);
+                    return;
                 };
                 let inner = &rest[2..end];
-                out.push_str(&resolve(inner, line_no, lookup)?);
+                match resolve(inner, line_no, lookup) {
+                    Ok(v) => out.push_str(&v),
+                    Err(e) => errors.push(e),
+                }
                 rest = &rest[end + 1..];
             }
             _ => {
@@ -84,7 +114,6 @@ fn expand_line(
             }
         }
     }
-    Ok(())
 }
 
 fn resolve(
@@ -145,8 +174,24 @@ mod tests {
     #[test]
     fn unset_without_default_names_variable_and_line() {
         let err = expand("a = 1\nb = \"${NOPE}\"", env).unwrap_err();
-        assert_eq!(err.line, 2);
-        assert!(err.reason.contains("NOPE"), "{err}");
+        assert_eq!(err.0.len(), 1);
+        assert_eq!(err.0[0].line, 2);
+        assert!(err.0[0].reason.contains("NOPE"), "{err}");
+    }
+
+    #[test]
+    fn every_unset_variable_is_named_in_one_run() {
+        let err = expand(
+            "a = \"${ONE}\"\nb = \"${SET}\"\nc = \"${TWO}-${THREE}\"\n",
+            env,
+        )
+        .unwrap_err();
+        let lines: Vec<usize> = err.0.iter().map(|e| e.line).collect();
+        assert_eq!(lines, [1, 3, 3]);
+        let text = err.to_string();
+        for name in ["ONE", "TWO", "THREE"] {
+            assert!(text.contains(name), "{text}");
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ pub mod env;
 pub mod file;
 mod validate;
 
-pub use validate::parse_backend;
+pub use validate::{parse_backend, REDACTED};
 
 use crate::poc::PocConfig;
 use serde::Serialize;
@@ -18,7 +18,7 @@ use std::time::Duration;
 /// The default config, compiled in so `podproxy` with no arguments runs the pod-front layout.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../../../config/podproxy.toml");
 
-/// A config that failed to load. `key` is the dotted path of the offending setting.
+/// A config that failed to load.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
@@ -27,16 +27,59 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     #[error("environment expansion failed at {0}")]
-    Env(#[from] env::EnvError),
-    #[error("{key}: {reason}")]
-    Invalid { key: String, reason: String },
+    Env(#[from] env::EnvErrors),
+    /// Every problem found, in file order by section.
+    #[error("{}", Problems(.0))]
+    Invalid(Vec<Problem>),
 }
 
-pub(crate) fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
+impl ConfigError {
+    /// The problems, one `key: reason` each (one entry for read and env failures).
+    pub fn problems(&self) -> Vec<String> {
+        match self {
+            ConfigError::Invalid(p) => p.iter().map(ToString::to_string).collect(),
+            ConfigError::Env(e) => e.0.iter().map(ToString::to_string).collect(),
+            other => vec![other.to_string()],
+        }
+    }
+}
+
+/// One thing wrong with a config: the dotted key path and what to write instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.reason)
+    }
+}
+
+/// One problem on its own line; several as a counted list.
+struct Problems<'a>(&'a [Problem]);
+
+impl std::fmt::Display for Problems<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            [one] => write!(f, "{one}"),
+            many => {
+                write!(f, "{} problems:", many.len())?;
+                for p in many {
+                    write!(f, "\n  {p}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(vec![Problem {
         key: key.into(),
         reason: reason.into(),
-    }
+    }])
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -44,6 +87,16 @@ pub(crate) fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Conf
 pub enum LogFormat {
     Text,
     Json,
+}
+
+impl LogFormat {
+    pub fn parse(text: &str) -> Result<LogFormat, String> {
+        match text.trim() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("must be \"text\" or \"json\", not {other:?}")),
+        }
+    }
 }
 
 /// The validated config every other module runs on.
@@ -55,19 +108,27 @@ pub struct Config {
     pub poc: PocConfig,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin: Option<AdminConfig>,
+    /// Things that work but deserve a look (an open gate, a short token): logged at start,
+    /// printed by `check`.
+    #[serde(skip)]
+    pub warnings: Vec<String>,
 }
 
 /// The admin listener. Its address is fixed at start (a reload does not move it).
 #[derive(Debug, Clone, Serialize)]
 pub struct AdminConfig {
     pub bind: SocketAddr,
+    /// Printed as `<redacted>`, which refuses to load: a saved `check` output never runs
+    /// with a placeholder as its secret.
     #[serde(serialize_with = "redact_opt", skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub allow_unauthenticated: bool,
 }
 
 fn redact_opt<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
     match v {
-        Some(_) => s.serialize_str("<redacted>"),
+        Some(_) => s.serialize_str(REDACTED),
         None => s.serialize_none(),
     }
 }
@@ -78,9 +139,11 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
-    /// Runtime worker threads (nginx's `worker_processes`); one per CPU unless set. Read at
-    /// start only.
-    pub worker_threads: usize,
+    /// Runtime worker threads (nginx's `worker_processes`); `None` = one per CPU of the
+    /// machine it runs on (so `check` output copied to a bigger box still uses all of it).
+    /// Read at start only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker_threads: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -91,6 +154,9 @@ pub struct ListenerConfig {
     pub bind: SocketAddr,
     pub strip_version_prefix: bool,
     pub max_connections: usize,
+    /// Concurrent connections one source address may hold; `None` = no per-source cap.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_source: Option<usize>,
     #[serde(with = "humantime_serde")]
     pub header_timeout: Duration,
     /// How long a client may accept no bytes while podproxy has some for it.
@@ -106,7 +172,7 @@ pub struct ListenerConfig {
 /// The security gate of a listener (checked in `gate`).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct GateConfig {
-    /// Never printed: `podproxy check` and logs show `<redacted>`.
+    /// Never printed: `podproxy check` shows `<redacted>`, which refuses to load.
     #[serde(serialize_with = "redact_all", skip_serializing_if = "Vec::is_empty")]
     pub tokens: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -117,10 +183,12 @@ pub struct GateConfig {
     pub allow_ips: Vec<ipnet::IpNet>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub block_paths: Vec<String>,
+    /// `false` (the default): `/api/v1/train/` is blocked (see `gate::TRAINING_PREFIX`).
+    pub allow_training: bool,
 }
 
 fn redact_all<S: serde::Serializer>(v: &[String], s: S) -> Result<S::Ok, S::Error> {
-    s.collect_seq(v.iter().map(|_| "<redacted>"))
+    s.collect_seq(v.iter().map(|_| REDACTED))
 }
 
 fn display_all<S: serde::Serializer, T: std::fmt::Display>(
@@ -137,6 +205,10 @@ pub struct RouteConfig {
     pub strip_prefix: bool,
     /// Body of PoC init/generate requests goes through the callback guard (`[poc]`).
     pub poc: bool,
+    /// A request with a JSON body and no `Content-Type` gets `application/json`: FastAPI
+    /// 0.132 and later (vLLM 0.20 and later, newer mlnode images) answers such a request
+    /// 422, and the DAPI sends its JSON POSTs without the header.
+    pub json_content_type: bool,
     /// `POST /api/v1/inference/up` carried out as `up/async` + `up/status` polls.
     pub inference_up: crate::longcall::InferenceUpMode,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -218,7 +290,7 @@ impl std::fmt::Display for BackendAddr {
     }
 }
 
-/// Defaults, chosen so no legitimate Gonka call is ever cut (see README "Timeouts").
+/// Defaults, chosen so no legitimate Gonka call is ever cut (see docs/configuration.md, "Timeouts").
 pub mod defaults {
     use std::time::Duration;
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -264,19 +336,58 @@ impl Config {
         Self::from_toml(&env::expand_env(&text)?)
     }
 
-    /// Parses already-expanded TOML text and validates it.
+    /// Parses already-expanded TOML text and validates it. Sections are read one by one,
+    /// so a type error in one listener does not hide the problems of the others.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let de = toml::Deserializer::parse(text).map_err(|e| invalid("(toml)", e.to_string()))?;
-        let file: file::FileConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
-            let key = if key == "." {
-                "(top level)".into()
-            } else {
-                key
-            };
-            invalid(key, e.into_inner().message().trim().to_string())
-        })?;
-        validate::validate(file)
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| invalid("(toml)", e.to_string().trim().to_string()))?;
+        let mut findings = validate::Findings::default();
+        let file = file::FileConfig::from_table(table, &mut findings);
+        match validate::validate(file, &mut findings) {
+            Some(config) if findings.problems.is_empty() => Ok(config),
+            _ => Err(ConfigError::Invalid(findings.problems)),
+        }
+    }
+
+    /// One line for the start log: each listener with its address and routes, each
+    /// upstream with its backends (a long list shortened), the admin address.
+    pub fn summary(&self) -> String {
+        let listeners: Vec<String> = self
+            .listeners
+            .iter()
+            .map(|l| {
+                let routes: Vec<String> = l
+                    .routes
+                    .iter()
+                    .map(|r| format!("{}->{}", r.prefix, r.upstream))
+                    .collect();
+                format!("{} {} [{}]", l.name, l.bind, routes.join(" "))
+            })
+            .collect();
+        let upstreams: Vec<String> = self
+            .upstreams
+            .iter()
+            .map(|u| {
+                let list = match u.backends.as_slice() {
+                    [one] => one.to_string(),
+                    [first, .., last] => {
+                        format!("{first} .. {last} ({} backends)", u.backends.len())
+                    }
+                    [] => "none".into(),
+                };
+                format!("{} {list}", u.name)
+            })
+            .collect();
+        let admin = self
+            .admin
+            .as_ref()
+            .map_or_else(|| "off".to_string(), |a| a.bind.to_string());
+        format!(
+            "listeners: {}; upstreams: {}; admin: {admin}",
+            listeners.join(", "),
+            upstreams.join(", ")
+        )
     }
 
     pub fn upstream_index(&self, name: &str) -> Option<usize> {
@@ -292,6 +403,8 @@ impl Config {
             listeners: std::collections::BTreeMap<&'a str, &'a ListenerConfig>,
             upstreams: std::collections::BTreeMap<&'a str, &'a UpstreamConfig>,
             poc: &'a PocConfig,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            admin: Option<&'a AdminConfig>,
         }
         let view = View {
             server: &self.server,
@@ -306,8 +419,23 @@ impl Config {
                 .map(|u| (u.name.as_str(), u))
                 .collect(),
             poc: &self.poc,
+            admin: self.admin.as_ref(),
         };
-        toml::to_string_pretty(&view).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
+        let text = toml::to_string_pretty(&view)
+            .unwrap_or_else(|e| format!("# cannot print config: {e}\n"));
+        if self.server.worker_threads.is_some() {
+            return text;
+        }
+        // A default derived from this machine is a comment, not a setting: the file may be
+        // copied to a box with more cores.
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        text.replacen(
+            "[server]\n",
+            &format!(
+                "[server]\n# worker_threads: one per CPU ({cpus} on this machine) when not set\n"
+            ),
+            1,
+        )
     }
 }
 

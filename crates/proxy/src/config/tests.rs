@@ -34,7 +34,7 @@ fn embedded_default_is_the_pod_front_layout() {
         .iter()
         .find(|l| l.name == "inference")
         .unwrap();
-    assert_eq!(inf.bind.port(), 5000);
+    assert_eq!(inf.bind.port(), 5050);
     let mlnode = &cfg.upstreams[cfg.upstream_index("mlnode").unwrap()];
     assert_eq!(mlnode.backends[0].to_string(), "http://127.0.0.1:8081");
     let vllm = &cfg.upstreams[cfg.upstream_index("vllm").unwrap()];
@@ -150,16 +150,21 @@ fn semantic_errors_name_key_and_reason() {
 #[test]
 fn worker_threads_default_to_the_cpus_and_can_be_set() {
     let cfg = Config::from_toml(MINIMAL).unwrap();
-    assert_eq!(
-        cfg.server.worker_threads,
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+    assert_eq!(cfg.server.worker_threads, None);
+    // Printed as a comment: this machine's CPU count is not a setting for another box.
+    let printed = cfg.to_toml();
+    assert!(!printed.contains("\nworker_threads"), "{printed}");
+    assert!(
+        printed.contains("# worker_threads: one per CPU"),
+        "{printed}"
     );
     let cfg = Config::from_toml(&MINIMAL.replace(
         "[listeners.main]",
         "[server]\nworker_threads = 3\n[listeners.main]",
     ))
     .unwrap();
-    assert_eq!(cfg.server.worker_threads, 3);
+    assert_eq!(cfg.server.worker_threads, Some(3));
+    assert!(cfg.to_toml().contains("\nworker_threads = 3\n"));
 }
 
 #[test]
@@ -233,4 +238,159 @@ fn printed_config_loads_again_unchanged() {
         printed.contains("callback_origin = \"http://203.0.113.7:9100\""),
         "{printed}"
     );
+}
+
+#[test]
+fn every_problem_is_reported_in_one_run() {
+    let text = r#"
+[listeners.a]
+bind = "localhost"
+routes = [{ prefix = "/", upstream = "nope" }]
+
+[listeners.b]
+bind = "127.0.0.1:0"
+max_connections = "many"
+routes = [{ prefix = "/", upstream = "u" }]
+
+[upstreams.u]
+urls = 8081
+
+[upstreams.v]
+urls = "http://127.0.0.1:9"
+response_timeout = "5"
+"#;
+    let e = Config::from_toml(text).unwrap_err();
+    let problems = e.problems();
+    let keys: Vec<&str> = problems
+        .iter()
+        .map(|p| p.split(':').next().unwrap())
+        .collect();
+    for key in [
+        "listeners.a.bind",
+        "listeners.a.routes[0].upstream",
+        "listeners.b.max_connections",
+        "upstreams.u.urls",
+        "upstreams.v.response_timeout",
+    ] {
+        assert!(keys.contains(&key), "{key} missing in:\n{e}");
+    }
+    let text = e.to_string();
+    assert!(
+        text.starts_with(&format!("{} problems:", problems.len())),
+        "{text}"
+    );
+    // Each one says what to write, with an example.
+    assert!(text.contains("like 0.0.0.0:8080"), "{text}");
+    assert!(
+        text.contains("a whole number without quotes, like 500"),
+        "{text}"
+    );
+    assert!(text.contains("a string or an array of strings"), "{text}");
+    assert!(!text.contains("untagged enum"), "{text}");
+    assert!(text.contains("like \"500ms\", \"10s\""), "{text}");
+}
+
+#[test]
+fn a_printed_secret_refuses_to_load() {
+    let with_token = MINIMAL.replace(
+        "routes =",
+        "tokens = [\"a-long-random-token-0123456789\"]\nroutes =",
+    );
+    let printed = Config::from_toml(&with_token).unwrap().to_toml();
+    assert!(printed.contains("\"<redacted>\""), "{printed}");
+    assert!(!printed.contains("a-long-random-token"), "{printed}");
+    let e = err_of(&printed);
+    assert!(e.starts_with("listeners.main.tokens[0]"), "{e}");
+    assert!(e.contains("put the real one back"), "{e}");
+    // The admin token too.
+    let admin = format!("{MINIMAL}\n[admin]\nbind = \"127.0.0.1:0\"\ntoken = \"<redacted>\"\n");
+    assert!(err_of(&admin).starts_with("admin.token"));
+}
+
+#[test]
+fn tokens_and_allowlists_take_one_comma_string_that_may_be_empty() {
+    let cfg = Config::from_toml(
+        &MINIMAL.replace("routes =", "tokens = \"\"\nallow_ips = \"\"\nroutes ="),
+    )
+    .unwrap();
+    assert!(cfg.listeners[0].gate.tokens.is_empty());
+    assert!(cfg.listeners[0].gate.allow_ips.is_empty());
+    let cfg = Config::from_toml(&MINIMAL.replace(
+        "routes =",
+        "tokens = \"one-long-token-0123456789, two-long-token-0123456789\"\nallow_ips = \"10.0.0.0/8,203.0.113.7\"\nroutes =",
+    ))
+    .unwrap();
+    assert_eq!(cfg.listeners[0].gate.tokens.len(), 2);
+    assert_eq!(cfg.listeners[0].gate.allow_ips.len(), 2);
+    // The array form names each token: an empty one is an unset variable, not "none".
+    let e = err_of(&MINIMAL.replace("routes =", "tokens = [\"\"]\nroutes ="));
+    assert!(e.starts_with("listeners.main.tokens[0]"), "{e}");
+}
+
+#[test]
+fn a_public_admin_needs_a_token_or_an_explicit_opt_out() {
+    let public = format!("{MINIMAL}\n[admin]\nbind = \"0.0.0.0:19901\"\n");
+    let e = err_of(&public);
+    assert!(e.starts_with("admin.bind"), "{e}");
+    assert!(e.contains("admin.token"), "{e}");
+    let empty_token = format!("{public}token = \"\"\n");
+    assert!(err_of(&empty_token).starts_with("admin.bind"));
+    let cfg = Config::from_toml(&format!("{public}token = \"admin-token-0123456789\"\n")).unwrap();
+    assert!(cfg.admin.unwrap().token.is_some());
+    let cfg = Config::from_toml(&format!("{public}allow_unauthenticated = true\n")).unwrap();
+    assert!(cfg.admin.unwrap().token.is_none());
+    // Loopback needs nothing; an empty token there means none.
+    let cfg = Config::from_toml(&format!(
+        "{MINIMAL}\n[admin]\nbind = \"127.0.0.1:0\"\ntoken = \"\"\n"
+    ))
+    .unwrap();
+    assert!(cfg.admin.unwrap().token.is_none());
+}
+
+#[test]
+fn an_open_public_listener_is_warned_about_by_name() {
+    let public = MINIMAL.replace("bind = \"127.0.0.1:0\"", "bind = \"0.0.0.0:0\"");
+    let cfg =
+        Config::from_toml(&public.replace("upstream = \"u\"", "upstream = \"u\", poc = true"))
+            .unwrap();
+    assert_eq!(cfg.warnings.len(), 1, "{:?}", cfg.warnings);
+    assert!(
+        cfg.warnings[0].contains("listener main"),
+        "{:?}",
+        cfg.warnings
+    );
+    assert!(cfg.warnings[0].contains("start PoC"), "{:?}", cfg.warnings);
+    for gated in [
+        "tokens = [\"a-long-random-token-0123456789\"]\nroutes =",
+        "allow_ips = [\"203.0.113.7\"]\nroutes =",
+    ] {
+        let cfg = Config::from_toml(&public.replace("routes =", gated)).unwrap();
+        assert!(cfg.warnings.is_empty(), "{gated}: {:?}", cfg.warnings);
+    }
+    // Loopback is not public.
+    assert!(Config::from_toml(MINIMAL).unwrap().warnings.is_empty());
+}
+
+#[test]
+fn training_is_blocked_by_default_and_printed() {
+    let cfg = Config::from_toml(MINIMAL).unwrap();
+    assert!(!cfg.listeners[0].gate.allow_training);
+    assert!(cfg.to_toml().contains("allow_training = false"));
+    let cfg =
+        Config::from_toml(&MINIMAL.replace("routes =", "allow_training = true\nroutes =")).unwrap();
+    assert!(cfg.listeners[0].gate.allow_training);
+}
+
+#[test]
+fn the_summary_names_listeners_upstreams_and_admin() {
+    let cfg =
+        Config::from_toml(&MINIMAL.replace("http://127.0.0.1:9", "http://127.0.0.1:5001-5004"))
+            .unwrap();
+    let s = cfg.summary();
+    assert!(s.contains("main 127.0.0.1:0 [/->u]"), "{s}");
+    assert!(
+        s.contains("u http://127.0.0.1:5001 .. http://127.0.0.1:5004 (4 backends)"),
+        "{s}"
+    );
+    assert!(s.contains("admin: off"), "{s}");
 }

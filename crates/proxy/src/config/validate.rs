@@ -1,208 +1,290 @@
-//! Validation: the external file format (`file`) into the internal config. Every error
-//! names the key path (`listeners.poc.routes[0].upstream`) and the reason. Certificates,
-//! keys and token files are loaded here too, so `podproxy check` catches what would
-//! otherwise fail at the first handshake.
+//! Validation: the external file format (`file`) into the internal config. Every problem
+//! names the key path (`listeners.poc.routes[0].upstream`) and the reason, and validation
+//! goes on after a problem (with a stand-in value) so one run reports all of them.
+//! Certificates, keys and token files are loaded here too, so `podproxy check` catches what
+//! would otherwise fail at the first handshake.
 
 use super::{
-    defaults, file, invalid, AdminConfig, BackendAddr, Config, ConfigError, GateConfig,
-    HealthConfig, ListenerConfig, LogFormat, RouteConfig, ServerConfig, UpstreamConfig,
+    defaults, file, AdminConfig, BackendAddr, Config, GateConfig, HealthConfig, ListenerConfig,
+    LogFormat, Problem, RouteConfig, ServerConfig, UpstreamConfig,
 };
 use crate::poc::{self, PocConfig};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-pub(super) fn validate(file: file::FileConfig) -> Result<Config, ConfigError> {
-    let server = ServerConfig {
-        shutdown_grace: file
-            .server
-            .shutdown_grace
-            .unwrap_or(defaults::SHUTDOWN_GRACE),
-        log_format: match file.server.log_format.as_deref() {
-            None | Some("text") => LogFormat::Text,
-            Some("json") => LogFormat::Json,
-            Some(other) => {
-                return Err(invalid(
-                    "server.log_format",
-                    format!("must be \"text\" or \"json\", not {other:?}"),
-                ))
-            }
-        },
-        log_level: file.server.log_level.unwrap_or_else(|| "info".into()),
-        worker_threads: match file.server.worker_threads {
-            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            Some(n) if (1..=defaults::MAX_WORKER_THREADS).contains(&n) => n,
-            Some(n) => {
-                return Err(invalid(
-                    "server.worker_threads",
-                    format!("must be 1 to {}, not {n}", defaults::MAX_WORKER_THREADS),
-                ))
-            }
-        },
-    };
+/// What `podproxy check` prints in place of a secret. A file saved from that output must
+/// not load with the placeholder as a working token.
+pub const REDACTED: &str = "<redacted>";
 
-    let mut upstreams = Vec::new();
-    for (name, u) in file.upstreams {
-        upstreams.push(validate_upstream(name, u)?);
-    }
+/// Problems and warnings found so far.
+#[derive(Debug, Default)]
+pub(super) struct Findings {
+    pub problems: Vec<Problem>,
+    pub warnings: Vec<String>,
+}
 
-    if file.listeners.is_empty() {
-        return Err(invalid("listeners", "at least one listener is required"));
-    }
-    let mut listeners = Vec::new();
-    let mut binds: Vec<(SocketAddr, String)> = Vec::new();
-    for (name, l) in file.listeners {
-        let key = format!("listeners.{name}");
-        let bind: SocketAddr = l.bind.parse().map_err(|_| {
-            invalid(
-                format!("{key}.bind"),
-                format!("{:?} is not an address like 0.0.0.0:8080", l.bind),
-            )
-        })?;
-        if let Some((_, other)) = binds.iter().find(|(b, _)| *b == bind && bind.port() != 0) {
-            return Err(invalid(
-                format!("{key}.bind"),
-                format!("{bind} is already used by listener {other}"),
-            ));
-        }
-        binds.push((bind, name.clone()));
-        let max_connections = l.max_connections.unwrap_or(defaults::MAX_CONNECTIONS);
-        if max_connections == 0 {
-            return Err(invalid(
-                format!("{key}.max_connections"),
-                "must be at least 1",
-            ));
-        }
-        let header_timeout = l.header_timeout.unwrap_or(defaults::HEADER_TIMEOUT);
-        if header_timeout.is_zero() {
-            return Err(invalid(
-                format!("{key}.header_timeout"),
-                "must be above zero",
-            ));
-        }
-        let send_timeout = l.send_timeout.unwrap_or(defaults::SEND_TIMEOUT);
-        if send_timeout.is_zero() {
-            return Err(invalid(format!("{key}.send_timeout"), "must be above zero"));
-        }
-        if l.routes.is_empty() {
-            return Err(invalid(
-                format!("{key}.routes"),
-                "at least one route is required",
-            ));
-        }
-        let mut routes: Vec<RouteConfig> = Vec::new();
-        for (i, r) in l.routes.into_iter().enumerate() {
-            let rkey = format!("{key}.routes[{i}]");
-            if !r.prefix.starts_with('/') {
-                return Err(invalid(
-                    format!("{rkey}.prefix"),
-                    format!("{:?} must start with /", r.prefix),
-                ));
-            }
-            if routes.iter().any(|o| o.prefix == r.prefix) {
-                return Err(invalid(
-                    format!("{rkey}.prefix"),
-                    format!("{:?} appears twice in this listener", r.prefix),
-                ));
-            }
-            if !upstreams.iter().any(|u| u.name == r.upstream) {
-                let known: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
-                return Err(invalid(
-                    format!("{rkey}.upstream"),
-                    format!(
-                        "no upstream named {:?} (known: {})",
-                        r.upstream,
-                        known.join(", ")
-                    ),
-                ));
-            }
-            let (inference_up, inference_up_async, sse_keepalive) =
-                crate::longcall::validate_route(
-                    &rkey,
-                    r.inference_up.as_deref(),
-                    r.inference_up_async,
-                    r.sse_keepalive,
-                )?;
-            routes.push(RouteConfig {
-                prefix: r.prefix,
-                upstream: r.upstream,
-                strip_prefix: r.strip_prefix,
-                poc: r.poc,
-                inference_up,
-                inference_up_async,
-                sse_keepalive,
-            });
-        }
-        let tls = match l.tls {
-            None => None,
-            Some(t) => Some(validate_listener_tls(&key, t)?),
-        };
-        let gate = validate_gate(
-            &key,
-            l.tokens,
-            l.token_file,
-            l.token_exempt,
-            l.allow_ips,
-            l.block_paths,
-        )?;
-        listeners.push(ListenerConfig {
-            name,
-            bind,
-            strip_version_prefix: l.strip_version_prefix,
-            max_connections,
-            header_timeout,
-            send_timeout,
-            routes,
-            tls,
-            gate,
+impl Findings {
+    pub fn add(&mut self, key: impl Into<String>, reason: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            reason: reason.into(),
         });
     }
-    let poc = validate_poc(file.poc)?;
-    let admin = match file.admin {
-        None => None,
-        Some(a) => {
-            let text = a.bind.unwrap_or_else(|| defaults::ADMIN_BIND.into());
-            let bind: SocketAddr = text.parse().map_err(|_| {
-                invalid(
-                    "admin.bind",
-                    format!("{text:?} is not an address like 127.0.0.1:9901"),
-                )
-            })?;
-            if let Some((_, other)) = binds.iter().find(|(b, _)| *b == bind && bind.port() != 0) {
-                return Err(invalid(
-                    "admin.bind",
-                    format!("{bind} is already used by listener {other}"),
-                ));
+
+    fn warn(&mut self, text: impl Into<String>) {
+        self.warnings.push(text.into());
+    }
+
+    /// The value, or the problem recorded and `None`.
+    fn ok<T>(&mut self, key: impl Into<String>, r: Result<T, String>) -> Option<T> {
+        r.map_err(|reason| self.add(key, reason)).ok()
+    }
+
+    /// A duration that must be above zero; its default when absent.
+    fn positive(&mut self, key: &str, d: Option<Duration>, default: Duration) -> Duration {
+        match d {
+            Some(d) if d.is_zero() => {
+                self.add(key, "must be above zero, like \"10s\"");
+                default
             }
-            if a.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
-                return Err(invalid(
-                    "admin.token",
-                    "empty token (is its environment variable set?)",
-                ));
-            }
-            Some(AdminConfig {
-                bind,
-                token: a.token,
-            })
+            d => d.unwrap_or(default),
         }
-    };
-    if poc.active() && !listeners.iter().any(|l| l.routes.iter().any(|r| r.poc)) {
-        tracing::warn!(
-            "[poc] is configured but no route has poc = true; PoC bodies pass untouched"
+    }
+
+    /// A count that must be at least 1; its default when absent.
+    fn at_least_one(&mut self, key: &str, n: Option<usize>, default: usize) -> usize {
+        match n {
+            Some(0) => {
+                self.add(key, "must be at least 1");
+                default
+            }
+            n => n.unwrap_or(default),
+        }
+    }
+
+    /// A listen address; `what` is an example for the message.
+    fn bind(&mut self, key: &str, text: &str, example: &str) -> Option<SocketAddr> {
+        let parsed = text.parse::<SocketAddr>().map_err(|_| {
+            format!(
+                "{text:?} is not an address with a port, like {example} (an IP, not a host name)"
+            )
+        });
+        self.ok(key, parsed)
+    }
+}
+
+/// The whole file; `None` when any problem was found.
+pub(super) fn validate(file: file::FileConfig, f: &mut Findings) -> Option<Config> {
+    let server = server(file.server, f);
+    // Every upstream named in the file, valid or not: a route to an upstream with a
+    // problem of its own is not a second problem.
+    let known = file.upstream_names;
+    let mut upstreams = Vec::new();
+    for (name, u) in file.upstreams {
+        if let Some(u) = upstream(name, u, f) {
+            upstreams.push(u);
+        }
+    }
+    if !file.has_listeners {
+        f.add(
+            "listeners",
+            "at least one listener is required, like [listeners.poc] with bind and routes",
         );
     }
-    Ok(Config {
+    let mut listeners = Vec::new();
+    for (name, l) in file.listeners {
+        if let Some(l) = listener(name, l, &known, f) {
+            listeners.push(l);
+        }
+    }
+    let poc = poc_section(file.poc, f);
+    let admin = file.admin.and_then(|a| admin(a, f));
+    bind_conflicts(&listeners, admin.as_ref(), f);
+    if poc.active() && !listeners.iter().any(|l| l.routes.iter().any(|r| r.poc)) {
+        f.warn("[poc] is configured but no route has poc = true; PoC bodies pass untouched");
+    }
+    for l in &listeners {
+        open_gate_warning(l, f);
+    }
+    f.problems.is_empty().then(|| Config {
         server,
         listeners,
         upstreams,
         poc,
         admin,
+        warnings: std::mem::take(&mut f.warnings),
     })
 }
 
-fn validate_listener_tls(
+fn server(s: file::ServerSection, f: &mut Findings) -> ServerConfig {
+    let log_format = match s.log_format.as_deref() {
+        None => LogFormat::Text,
+        Some(text) => f
+            .ok("server.log_format", LogFormat::parse(text))
+            .unwrap_or(LogFormat::Text),
+    };
+    let worker_threads = match s.worker_threads {
+        Some(n) if !(1..=defaults::MAX_WORKER_THREADS).contains(&n) => {
+            f.add(
+                "server.worker_threads",
+                format!(
+                    "must be 1 to {}, not {n} (leave it out for one per CPU)",
+                    defaults::MAX_WORKER_THREADS
+                ),
+            );
+            None
+        }
+        n => n,
+    };
+    ServerConfig {
+        shutdown_grace: s.shutdown_grace.unwrap_or(defaults::SHUTDOWN_GRACE),
+        log_format,
+        log_level: s.log_level.unwrap_or_else(|| "info".into()),
+        worker_threads,
+    }
+}
+
+fn listener(
+    name: String,
+    l: file::ListenerSection,
+    upstreams: &[String],
+    f: &mut Findings,
+) -> Option<ListenerConfig> {
+    let key = format!("listeners.{name}");
+    let bind = f.bind(&format!("{key}.bind"), &l.bind, "0.0.0.0:8080");
+    let max_connections = f.at_least_one(
+        &format!("{key}.max_connections"),
+        l.max_connections,
+        defaults::MAX_CONNECTIONS,
+    );
+    let max_connections_per_source = match l.max_connections_per_source {
+        Some(0) => {
+            f.add(
+                format!("{key}.max_connections_per_source"),
+                "must be at least 1 (or left out for no per-source cap)",
+            );
+            None
+        }
+        n => n,
+    };
+    let header_timeout = f.positive(
+        &format!("{key}.header_timeout"),
+        l.header_timeout,
+        defaults::HEADER_TIMEOUT,
+    );
+    let send_timeout = f.positive(
+        &format!("{key}.send_timeout"),
+        l.send_timeout,
+        defaults::SEND_TIMEOUT,
+    );
+    if l.routes.is_empty() {
+        f.add(
+            format!("{key}.routes"),
+            "at least one route is required, like routes = [{ prefix = \"/\", upstream = \"mlnode\" }]",
+        );
+    }
+    let mut routes: Vec<RouteConfig> = Vec::new();
+    for (i, r) in l.routes.into_iter().enumerate() {
+        if let Some(r) = route(&format!("{key}.routes[{i}]"), r, &routes, upstreams, f) {
+            routes.push(r);
+        }
+    }
+    let tls = l.tls.and_then(|t| listener_tls(&key, t, f));
+    let gate = gate(
+        &key,
+        GateInput {
+            tokens: l.tokens,
+            token_file: l.token_file,
+            token_exempt: l.token_exempt,
+            allow_ips: l.allow_ips,
+            block_paths: l.block_paths,
+            allow_training: l.allow_training,
+        },
+        f,
+    );
+    Some(ListenerConfig {
+        name,
+        bind: bind?,
+        strip_version_prefix: l.strip_version_prefix,
+        max_connections,
+        max_connections_per_source,
+        header_timeout,
+        send_timeout,
+        routes,
+        tls,
+        gate: gate?,
+    })
+}
+
+fn route(
+    key: &str,
+    r: file::RouteSection,
+    earlier: &[RouteConfig],
+    upstreams: &[String],
+    f: &mut Findings,
+) -> Option<RouteConfig> {
+    let mut ok = true;
+    if !r.prefix.starts_with('/') {
+        f.add(
+            format!("{key}.prefix"),
+            format!("{:?} must start with /, like \"/v1/\"", r.prefix),
+        );
+        ok = false;
+    }
+    if earlier.iter().any(|o| o.prefix == r.prefix) {
+        f.add(
+            format!("{key}.prefix"),
+            format!("{:?} appears twice in this listener", r.prefix),
+        );
+        ok = false;
+    }
+    if !upstreams.contains(&r.upstream) {
+        f.add(
+            format!("{key}.upstream"),
+            format!(
+                "no upstream named {:?} (known: {})",
+                r.upstream,
+                upstreams.join(", ")
+            ),
+        );
+        ok = false;
+    }
+    if ok && crate::route::version_segment_len(&r.prefix).is_some() && !r.strip_prefix {
+        f.warn(format!(
+            "{key}: prefix {:?} is a version segment but strip_prefix is false: the mlnode gets \
+             {}api/v1/... and answers 404; side-by-side versions need strip_prefix = true",
+            r.prefix, r.prefix
+        ));
+    }
+    let (inference_up, inference_up_async, sse_keepalive) = match crate::longcall::validate_route(
+        key,
+        r.inference_up.as_deref(),
+        r.inference_up_async,
+        r.sse_keepalive,
+    ) {
+        Ok(settings) => settings,
+        Err(p) => {
+            f.add(p.key, p.reason);
+            return None;
+        }
+    };
+    ok.then_some(RouteConfig {
+        prefix: r.prefix,
+        upstream: r.upstream,
+        strip_prefix: r.strip_prefix,
+        poc: r.poc,
+        json_content_type: r.json_content_type,
+        inference_up,
+        inference_up_async,
+        sse_keepalive,
+    })
+}
+
+fn listener_tls(
     key: &str,
     t: file::ListenerTlsSection,
-) -> Result<crate::tls::ListenerTls, ConfigError> {
+    f: &mut Findings,
+) -> Option<crate::tls::ListenerTls> {
     use crate::tls::ClientAuth;
     // Pins or CAs without a mode mean that mode; lists that the mode would ignore are an
     // error, never a listener silently open to anonymous clients.
@@ -216,10 +298,11 @@ fn validate_listener_tls(
         (None, true, false) => ClientAuth::Ca,
         (None, true, true) => ClientAuth::None,
         (None, false, false) => {
-            return Err(invalid(
+            f.add(
                 format!("{key}.tls"),
                 "client_pins and client_ca both given: set client_auth to \"pin\" or \"ca\"",
-            ))
+            );
+            return None;
         }
     };
     let ignored = match client_auth {
@@ -229,23 +312,26 @@ fn validate_listener_tls(
         ClientAuth::Ca => (!t.client_pins.is_empty()).then_some("client_pins"),
     };
     if let Some(what) = ignored {
-        return Err(invalid(
+        f.add(
             format!("{key}.tls.{}", what.split('/').next().unwrap_or(what)),
             format!("{what} given but client_auth = {client_auth:?} would ignore it"),
-        ));
+        );
+        return None;
     }
     match client_auth {
         ClientAuth::Ca if t.client_ca.is_empty() => {
-            return Err(invalid(
+            f.add(
                 format!("{key}.tls.client_ca"),
-                "client_auth = \"ca\" needs at least one CA file",
-            ))
+                "client_auth = \"ca\" needs at least one CA file, like [\"ca.pem\"]",
+            );
+            return None;
         }
         ClientAuth::Pin if t.client_pins.is_empty() => {
-            return Err(invalid(
+            f.add(
                 format!("{key}.tls.client_pins"),
-                "client_auth = \"pin\" needs at least one pinned certificate",
-            ))
+                "client_auth = \"pin\" needs at least one pinned certificate, like [\"dapi.crt\"]",
+            );
+            return None;
         }
         _ => {}
     }
@@ -258,198 +344,268 @@ fn validate_listener_tls(
     };
     // Build it once now: missing files, expired certificates and keys that do not fit
     // their certificate are config errors, reported before anything listens.
-    crate::tls::server_config(&tls).map_err(|r| invalid(format!("{key}.tls"), r))?;
-    Ok(tls)
+    f.ok(format!("{key}.tls"), crate::tls::server_config(&tls))?;
+    Some(tls)
 }
 
-fn validate_gate(
-    key: &str,
-    tokens: Vec<String>,
+struct GateInput {
+    tokens: file::StringList,
     token_file: Option<String>,
     token_exempt: Vec<String>,
-    allow_ips: Vec<String>,
-    block_paths: Vec<String>,
-) -> Result<GateConfig, ConfigError> {
-    for (i, t) in tokens.iter().enumerate() {
-        // An unset ${VAR:-} must not silently turn authentication off.
-        if t.trim().is_empty() {
-            return Err(invalid(
-                format!("{key}.tokens[{i}]"),
-                "empty token (is its environment variable set?)",
+    allow_ips: file::StringList,
+    block_paths: file::StringList,
+    allow_training: bool,
+}
+
+fn gate(key: &str, g: GateInput, f: &mut Findings) -> Option<GateConfig> {
+    let before = f.problems.len();
+    // The array form lists tokens one by one: an empty one is an unset variable, never
+    // "no authentication". The string form may legitimately be empty (none).
+    for (i, t) in g.tokens.raw().iter().enumerate() {
+        let tkey = format!("{key}.tokens[{i}]");
+        if t.is_empty() {
+            f.add(tkey, "empty token (is its environment variable set?)");
+        } else if t == REDACTED {
+            f.add(tkey, redacted_reason());
+        } else if t.len() < 16 {
+            f.warn(format!(
+                "{tkey} is shorter than 16 characters; use a long random token"
             ));
-        }
-        if t.len() < 16 {
-            tracing::warn!(
-                listener = key,
-                "tokens[{i}] is shorter than 16 characters; use a long random token"
-            );
         }
     }
-    if let Some(path) = &token_file {
-        let loaded = crate::gate::read_token_file(path)
-            .map_err(|r| invalid(format!("{key}.token_file"), r))?;
-        if loaded.is_empty() {
-            return Err(invalid(
+    if let Some(path) = &g.token_file {
+        match crate::gate::read_token_file(path) {
+            Err(reason) => f.add(format!("{key}.token_file"), reason),
+            Ok(loaded) if loaded.is_empty() => f.add(
                 format!("{key}.token_file"),
-                format!("{path}: no token in the file"),
-            ));
+                format!("{path}: no token in the file (one per line)"),
+            ),
+            Ok(loaded) if loaded.iter().any(|t| t == REDACTED) => {
+                f.add(format!("{key}.token_file"), redacted_reason())
+            }
+            Ok(_) => {}
         }
     }
     for (name, list) in [
-        ("token_exempt", &token_exempt),
-        ("block_paths", &block_paths),
+        ("token_exempt", g.token_exempt.as_slice()),
+        ("block_paths", g.block_paths.raw()),
     ] {
         if let Some(bad) = list.iter().find(|p| !p.starts_with('/')) {
-            return Err(invalid(
+            f.add(
                 format!("{key}.{name}"),
-                format!("{bad:?} must start with /"),
-            ));
+                format!("{bad:?} must start with /, like \"/api/v1/train/\""),
+            );
         }
     }
     let mut nets = Vec::new();
-    for (i, text) in allow_ips.iter().enumerate() {
-        let net = crate::gate::parse_net(text)
-            .map_err(|r| invalid(format!("{key}.allow_ips[{i}]"), r))?;
-        nets.push(net);
+    for (i, text) in g.allow_ips.items().iter().enumerate() {
+        if let Some(net) = f.ok(
+            format!("{key}.allow_ips[{i}]"),
+            crate::gate::parse_net(text),
+        ) {
+            nets.push(net);
+        }
     }
-    Ok(GateConfig {
-        tokens,
-        token_file,
-        token_exempt,
+    (f.problems.len() == before).then(|| GateConfig {
+        tokens: g.tokens.items(),
+        token_file: g.token_file,
+        token_exempt: g.token_exempt,
         allow_ips: nets,
-        block_paths,
+        block_paths: g.block_paths.items(),
+        allow_training: g.allow_training,
     })
 }
 
-fn validate_poc(p: file::PocSection) -> Result<PocConfig, ConfigError> {
+fn redacted_reason() -> String {
+    format!(
+        "{REDACTED:?} is what `podproxy check` prints in place of a secret, not a token: \
+         put the real one back, e.g. \"${{PODPROXY_TOKEN}}\""
+    )
+}
+
+fn admin(a: file::AdminSection, f: &mut Findings) -> Option<AdminConfig> {
+    let text = a.bind.unwrap_or_else(|| defaults::ADMIN_BIND.into());
+    let bind = f.bind("admin.bind", &text, "127.0.0.1:9901")?;
+    // Empty means none: `"${PODPROXY_ADMIN_TOKEN:-}"` off. A public bind without one is
+    // refused below, so an unset variable cannot open the admin API to the network.
+    let token = a.token.filter(|t| !t.trim().is_empty());
+    if token.as_deref() == Some(REDACTED) {
+        f.add("admin.token", redacted_reason());
+        return None;
+    }
+    if token.is_none() && !bind.ip().is_loopback() && !a.allow_unauthenticated {
+        f.add(
+            "admin.bind",
+            format!(
+                "{bind} is reachable from the network, and the admin API can reload the config \
+                 and show it: set admin.token (e.g. \"${{PODPROXY_ADMIN_TOKEN}}\"), bind a loopback \
+                 address, or set allow_unauthenticated = true if a firewall guards the port"
+            ),
+        );
+        return None;
+    }
+    Some(AdminConfig {
+        bind,
+        token,
+        allow_unauthenticated: a.allow_unauthenticated,
+    })
+}
+
+/// Two listeners (or a listener and the admin API) on one address.
+fn bind_conflicts(listeners: &[ListenerConfig], admin: Option<&AdminConfig>, f: &mut Findings) {
+    let mut seen: Vec<(SocketAddr, String)> = Vec::new();
+    let binds = listeners
+        .iter()
+        .map(|l| (l.bind, format!("listeners.{}.bind", l.name), l.name.clone()))
+        .chain(admin.map(|a| (a.bind, "admin.bind".to_string(), "admin".to_string())));
+    for (bind, key, owner) in binds {
+        if bind.port() != 0 {
+            if let Some((_, other)) = seen.iter().find(|(b, _)| *b == bind) {
+                f.add(key, format!("{bind} is already used by listener {other}"));
+            }
+        }
+        seen.push((bind, owner));
+    }
+}
+
+/// A listener anyone on the network can use: name it and the risk, once, at start and in
+/// `check`.
+fn open_gate_warning(l: &ListenerConfig, f: &mut Findings) {
+    let public = !l.bind.ip().is_loopback();
+    let client_auth = l
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.client_auth != crate::tls::ClientAuth::None);
+    let gated = client_auth
+        || !l.gate.tokens.is_empty()
+        || l.gate.token_file.is_some()
+        || !l.gate.allow_ips.is_empty();
+    if !public || gated {
+        return;
+    }
+    let risk = if l.routes.iter().any(|r| r.poc) {
+        "anyone who reaches it can start PoC with their own callback URL, stop the node or delete its models"
+    } else {
+        "anyone who reaches it can run inference on your GPUs"
+    };
+    f.warn(format!(
+        "listener {} on {} has no gate (no TLS client auth, token or allow_ips): {risk}. \
+         Set tokens/allow_ips/tls (embedded default: PODPROXY_TOKEN, PODPROXY_ALLOW_IPS) or firewall the port",
+        l.name, l.bind
+    ));
+}
+
+fn poc_section(p: file::PocSection, f: &mut Findings) -> PocConfig {
     let defaults = PocConfig::default();
     let callback_origin = match p.callback_origin.as_deref().map(str::trim) {
         None | Some("") => None,
-        Some(text) => Some(poc::parse_origin(text).map_err(|r| invalid("poc.callback_origin", r))?),
+        Some(text) => f.ok("poc.callback_origin", poc::parse_origin(text)),
     };
     let mode = p.mode.unwrap_or(defaults.mode);
     if mode == poc::Mode::Reject && callback_origin.is_none() {
-        return Err(invalid(
+        f.add(
             "poc.mode",
-            "\"reject\" needs poc.callback_origin (the only origin callbacks may use)",
-        ));
+            "\"reject\" needs poc.callback_origin (the only origin callbacks may use), like \"http://203.0.113.7:9100\"",
+        );
     }
     let paths = p.paths.unwrap_or(defaults.paths);
     if let Some(bad) = paths.iter().find(|p| !p.starts_with('/')) {
-        return Err(invalid("poc.paths", format!("{bad:?} must start with /")));
+        f.add(
+            "poc.paths",
+            format!("{bad:?} must start with /, like \"/api/v1/inference/pow/init/generate\""),
+        );
     }
-    let max_body_bytes = p.max_body_bytes.unwrap_or(defaults.max_body_bytes);
-    if max_body_bytes == 0 {
-        return Err(invalid("poc.max_body_bytes", "must be above zero"));
-    }
-    Ok(PocConfig {
+    let max_body_bytes = match p.max_body_bytes {
+        Some(0) => {
+            f.add("poc.max_body_bytes", "must be above zero");
+            defaults.max_body_bytes
+        }
+        n => n.unwrap_or(defaults.max_body_bytes),
+    };
+    PocConfig {
         callback_origin,
         mode,
         allowed_hosts: p.allowed_hosts,
         paths,
         max_body_bytes,
-    })
+    }
 }
 
-fn validate_upstream(
-    name: String,
-    u: file::UpstreamSection,
-) -> Result<UpstreamConfig, ConfigError> {
+fn upstream(name: String, u: file::UpstreamSection, f: &mut Findings) -> Option<UpstreamConfig> {
     let key = format!("upstreams.{name}");
+    let before = f.problems.len();
     let items = u.urls.items();
     if items.is_empty() {
-        return Err(invalid(
+        f.add(
             format!("{key}.urls"),
-            "at least one URL is required",
-        ));
+            "at least one URL is required, like \"http://127.0.0.1:5001\"",
+        );
     }
     let mut backends = Vec::new();
     for item in items.iter().flat_map(|i| expand_port_range(i)) {
-        let item = item.map_err(|reason| invalid(format!("{key}.urls"), reason))?;
-        let b = parse_backend(&item).map_err(|reason| invalid(format!("{key}.urls"), reason))?;
+        let Some(item) = f.ok(format!("{key}.urls"), item) else {
+            continue;
+        };
+        let Some(b) = f.ok(format!("{key}.urls"), parse_backend(&item)) else {
+            continue;
+        };
         if backends.contains(&b) {
-            return Err(invalid(
-                format!("{key}.urls"),
-                format!("{item} is listed twice"),
-            ));
+            f.add(format!("{key}.urls"), format!("{item} is listed twice"));
         }
         backends.push(b);
     }
-    let pool_idle_timeout = u.pool_idle_timeout.unwrap_or(defaults::POOL_IDLE_TIMEOUT);
+    let pool_idle_timeout = f.positive(
+        &format!("{key}.pool_idle_timeout"),
+        u.pool_idle_timeout,
+        defaults::POOL_IDLE_TIMEOUT,
+    );
     if pool_idle_timeout >= Duration::from_secs(5) {
-        tracing::warn!(
-            upstream = %name,
-            "pool_idle_timeout {} is not below uvicorn/vLLM's 5 s keepalive; expect stale connections",
+        f.warn(format!(
+            "{key}.pool_idle_timeout {} is not below uvicorn/vLLM's 5 s keepalive; expect stale connections",
             humantime::format_duration(pool_idle_timeout)
-        );
+        ));
     }
-    let nonzero = |d: Option<Duration>, def: Duration, field: &str| {
-        let d = d.unwrap_or(def);
-        if d.is_zero() {
-            Err(invalid(format!("{key}.{field}"), "must be above zero"))
-        } else {
-            Ok(d)
-        }
-    };
     if u.max_concurrent == Some(0) {
-        return Err(invalid(
+        f.add(
             format!("{key}.max_concurrent"),
             "must be at least 1 (or left out for no cap)",
-        ));
+        );
     }
     let h = u.health;
     let health = HealthConfig {
         enabled: h.enabled.unwrap_or(true),
         path: h.path.unwrap_or_else(|| defaults::HEALTH_PATH.into()),
-        interval: nonzero(h.interval, defaults::HEALTH_INTERVAL, "health.interval")?,
-        timeout: nonzero(h.timeout, defaults::HEALTH_TIMEOUT, "health.timeout")?,
+        interval: f.positive(
+            &format!("{key}.health.interval"),
+            h.interval,
+            defaults::HEALTH_INTERVAL,
+        ),
+        timeout: f.positive(
+            &format!("{key}.health.timeout"),
+            h.timeout,
+            defaults::HEALTH_TIMEOUT,
+        ),
         failures: h.failures.unwrap_or(defaults::HEALTH_FAILURES).max(1),
         successes: h.successes.unwrap_or(defaults::HEALTH_SUCCESSES).max(1),
     };
     if !health.path.starts_with('/') {
-        return Err(invalid(
+        f.add(
             format!("{key}.health.path"),
-            format!("{:?} must start with /", health.path),
-        ));
+            format!("{:?} must start with /, like \"/health\"", health.path),
+        );
     }
     let first_byte_timeout = match u.first_byte_timeout {
         Some(d) if d.is_zero() => {
-            return Err(invalid(
+            f.add(
                 format!("{key}.first_byte_timeout"),
-                "must be above zero",
-            ))
+                "must be above zero, like \"120s\" (or left out for none)",
+            );
+            None
         }
         other => other,
     };
-    let tls = match u.tls {
-        None => None,
-        Some(t) => {
-            let tls = crate::tls::UpstreamTls {
-                ca: t.ca,
-                pins: t.pins,
-                client_cert: t.client_cert,
-                client_key: t.client_key,
-                server_name: t.server_name,
-            };
-            crate::tls::client_config(&tls).map_err(|r| invalid(format!("{key}.tls"), r))?;
-            if let Some(name) = &tls.server_name {
-                rustls::pki_types::ServerName::try_from(name.as_str()).map_err(|e| {
-                    invalid(format!("{key}.tls.server_name"), format!("{name:?}: {e}"))
-                })?;
-            }
-            if !backends
-                .iter()
-                .any(|b| b.scheme == http::uri::Scheme::HTTPS)
-            {
-                return Err(invalid(
-                    format!("{key}.tls"),
-                    "set, but no upstream URL is https://",
-                ));
-            }
-            Some(tls)
-        }
-    };
-    Ok(UpstreamConfig {
+    let tls = u.tls.and_then(|t| upstream_tls(&key, t, &backends, f));
+    let cfg = UpstreamConfig {
         tls,
         max_concurrent: u.max_concurrent,
         queue_size: u.queue_size.unwrap_or(defaults::QUEUE_SIZE),
@@ -459,23 +615,58 @@ fn validate_upstream(
         health,
         backends,
         rewrite_host: u.rewrite_host,
-        connect_timeout: nonzero(
+        connect_timeout: f.positive(
+            &format!("{key}.connect_timeout"),
             u.connect_timeout,
             defaults::CONNECT_TIMEOUT,
-            "connect_timeout",
-        )?,
-        response_timeout: nonzero(
+        ),
+        response_timeout: f.positive(
+            &format!("{key}.response_timeout"),
             u.response_timeout,
             defaults::RESPONSE_TIMEOUT,
-            "response_timeout",
-        )?,
-        idle_timeout: nonzero(u.idle_timeout, defaults::IDLE_TIMEOUT, "idle_timeout")?,
+        ),
+        idle_timeout: f.positive(
+            &format!("{key}.idle_timeout"),
+            u.idle_timeout,
+            defaults::IDLE_TIMEOUT,
+        ),
         pool_idle_timeout,
         max_idle_per_backend: u
             .max_idle_per_backend
             .unwrap_or(defaults::MAX_IDLE_PER_BACKEND),
         name,
-    })
+    };
+    (f.problems.len() == before).then_some(cfg)
+}
+
+fn upstream_tls(
+    key: &str,
+    t: file::UpstreamTlsSection,
+    backends: &[BackendAddr],
+    f: &mut Findings,
+) -> Option<crate::tls::UpstreamTls> {
+    let tls = crate::tls::UpstreamTls {
+        ca: t.ca,
+        pins: t.pins,
+        client_cert: t.client_cert,
+        client_key: t.client_key,
+        server_name: t.server_name,
+    };
+    f.ok(format!("{key}.tls"), crate::tls::client_config(&tls))?;
+    if let Some(name) = &tls.server_name {
+        let parsed = rustls::pki_types::ServerName::try_from(name.as_str())
+            .map(|_| ())
+            .map_err(|e| format!("{name:?}: {e}"));
+        f.ok(format!("{key}.tls.server_name"), parsed)?;
+    }
+    if !backends
+        .iter()
+        .any(|b| b.scheme == http::uri::Scheme::HTTPS)
+    {
+        f.add(format!("{key}.tls"), "set, but no upstream URL is https://");
+        return None;
+    }
+    Some(tls)
 }
 
 /// `http://127.0.0.1:5001-5004` → the four URLs; anything else passes through. Lets one
@@ -512,11 +703,11 @@ fn expand_port_range(item: &str) -> Vec<Result<String, String>> {
 pub fn parse_backend(text: &str) -> Result<BackendAddr, String> {
     let uri: http::Uri = text
         .parse()
-        .map_err(|e| format!("{text:?} is not a URL: {e}"))?;
+        .map_err(|e| format!("{text:?} is not a URL like \"http://127.0.0.1:5001\": {e}"))?;
     let scheme = uri
         .scheme()
         .cloned()
-        .ok_or_else(|| format!("{text:?} needs a scheme (http://)"))?;
+        .ok_or_else(|| format!("{text:?} needs a scheme, like \"http://{text}\""))?;
     if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
         return Err(format!("{text:?}: the scheme must be http:// or https://"));
     }

@@ -1,7 +1,7 @@
 //! The long-call route keys: `inference_up`, `inference_up_async` and `sse_keepalive`,
 //! validated with their key paths.
 
-use crate::config::{invalid, ConfigError};
+use crate::config::Problem;
 use serde::Serialize;
 use std::time::Duration;
 
@@ -40,6 +40,13 @@ pub struct LongCallConfig {
 
 type RouteSettings = (InferenceUpMode, Option<LongCallConfig>, Option<Duration>);
 
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Problem {
+    Problem {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
 /// Validates a route's `inference_up`, `inference_up_async` and `sse_keepalive` keys;
 /// `key` is the route's key path (`listeners.poc.routes[0]`).
 pub fn validate_route(
@@ -47,7 +54,7 @@ pub fn validate_route(
     mode: Option<&str>,
     table: Option<crate::config::file::InferenceUpAsyncSection>,
     keepalive: Option<Duration>,
-) -> Result<RouteSettings, ConfigError> {
+) -> Result<RouteSettings, Problem> {
     let mode = match mode {
         None | Some("direct") => InferenceUpMode::Direct,
         Some("async") => InferenceUpMode::Async,

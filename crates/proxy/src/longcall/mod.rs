@@ -191,18 +191,33 @@ struct StartupStatus {
     error: Option<String>,
 }
 
+/// One long call as `forward` hands it over.
+pub struct Call<'a> {
+    pub upstream: &'a Arc<Upstream>,
+    pub cfg: LongCallConfig,
+    /// The request's query, kept on the `up/async` call.
+    pub query: Option<&'a str>,
+    /// The route's `json_content_type` applies (and the request has no Content-Type).
+    pub json_content_type: bool,
+    pub series: &'a crate::metrics::ListenerSeries,
+}
+
 /// Carries out the DAPI's synchronous `inference/up` in long-call mode. `parts` are the
-/// request's parts with headers already prepared for the upstream; `query` is the
-/// request's query (kept on the `up/async` call).
+/// request's parts with headers already prepared for the upstream.
 pub async fn inference_up(
-    upstream: &Arc<Upstream>,
-    cfg: LongCallConfig,
-    parts: http::request::Parts,
-    query: Option<&str>,
+    call: Call<'_>,
+    mut parts: http::request::Parts,
     body: Incoming,
     ex: &mut Exchange,
-    metrics: &crate::metrics::Metrics,
 ) -> Result<Response<Relay>, ProxyError> {
+    let Call {
+        upstream,
+        cfg,
+        query,
+        json_content_type,
+        series,
+    } = call;
+    let metrics = series.metrics();
     let idle = upstream.cfg.idle_timeout;
     let body = Limited::new(Relay::stream(body, idle), MAX_REQUEST_BODY)
         .collect()
@@ -218,6 +233,9 @@ pub async fn inference_up(
         })?
         .to_bytes();
     ex.bytes_in.store(body.len() as u64, Ordering::Relaxed);
+    if json_content_type {
+        crate::forward::json_content_type(&mut parts.headers, std::slice::from_ref(&body), series);
+    }
 
     let (index, slot) = upstream.acquire(&[]).await?;
     ex.backend = Some(slot.backend().label.clone());

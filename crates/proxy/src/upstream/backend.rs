@@ -43,6 +43,8 @@ pub struct Backend {
     retry_at: AtomicU64,
     /// Set when the upstream has no active health checks.
     passive_only: bool,
+    /// Whether a health check has answered yet: the first one decides at once.
+    probed: AtomicBool,
     last_error: Mutex<Option<String>>,
 }
 
@@ -62,8 +64,14 @@ impl Backend {
             hold_until: AtomicU64::new(0),
             retry_at: AtomicU64::new(0),
             passive_only,
+            probed: AtomicBool::new(false),
             last_error: Mutex::new(None),
         }
+    }
+
+    /// Whether an active health check has answered (or failed) yet.
+    pub fn probed(&self) -> bool {
+        self.probed.load(Ordering::Relaxed)
     }
 
     pub fn in_flight(&self) -> usize {
@@ -122,9 +130,24 @@ impl Backend {
         changed
     }
 
-    /// Feeds one health-check result; flips the state after `needed` consecutive results
-    /// that disagree with it.
+    /// Feeds one health-check result; flips the state after `to_down` (or `to_up`)
+    /// consecutive results that disagree with it. The very first result decides at once:
+    /// a backend that does not answer its first probe was never up, so it starts down
+    /// instead of taking `to_down` rounds of traffic.
     pub fn health_result(&self, upstream: &str, ok: Result<(), String>, to_down: u32, to_up: u32) {
+        let first = !self.probed.swap(true, Ordering::Relaxed);
+        if first {
+            if let Err(reason) = &ok {
+                self.mark_down(upstream, &format!("first health check: {reason}"));
+                return;
+            }
+        }
+        self.observe(upstream, ok, to_down, to_up);
+    }
+
+    /// One observation of the backend's health, from a check or from traffic (a
+    /// connection that broke before the response head): `to_down` in a row flip it.
+    pub fn observe(&self, upstream: &str, ok: Result<(), String>, to_down: u32, to_up: u32) {
         let healthy = self.is_healthy();
         match ok {
             Ok(()) if healthy => self.streak.store(0, Ordering::Relaxed),
@@ -372,6 +395,7 @@ mod tests {
     fn health_streaks_flip_state() {
         let b = backends(1);
         let b = &b[0];
+        b.health_result("u", Ok(()), 3, 2);
         b.health_result("u", Err("x".into()), 3, 2);
         b.health_result("u", Err("x".into()), 3, 2);
         assert!(b.is_healthy());
@@ -386,6 +410,24 @@ mod tests {
         assert!(!b.is_healthy());
         b.health_result("u", Ok(()), 3, 2);
         assert!(b.is_healthy());
+    }
+
+    #[test]
+    fn a_failed_first_probe_is_down_at_once() {
+        let b = backends(2);
+        b[0].health_result("u", Err("connection refused".into()), 3, 1);
+        assert!(!b[0].is_healthy());
+        assert!(b[0].last_error().unwrap().contains("first health check"));
+        b[1].health_result("u", Ok(()), 3, 1);
+        assert!(b[1].is_healthy());
+        // Later failures take the streak again.
+        b[1].health_result("u", Err("x".into()), 3, 1);
+        assert!(b[1].is_healthy());
+        // A failure seen in traffic is no probe: it never decides at once.
+        let c = backends(1);
+        c[0].observe("u", Err("reset".into()), 3, 1);
+        assert!(c[0].is_healthy());
+        assert!(!c[0].probed());
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub async fn run(up: Arc<Upstream>) {
         while round.join_next().await.is_some() {}
         if first {
             first = false;
+            // After the first round every backend's state is its own probe's answer.
             let healthy = up.backends().iter().filter(|b| b.is_healthy()).count();
             let total = up.backends().len();
             if healthy == 0 {

@@ -76,9 +76,11 @@ impl Upstream {
         &self.backends
     }
 
-    /// Whether at least one backend is in rotation (feeds readiness).
+    /// Whether at least one backend is in rotation (feeds readiness). With active health
+    /// checks, not before the first round has answered: until then "healthy" is a guess.
     pub fn is_ready(&self) -> bool {
-        self.backends.iter().any(|b| b.is_healthy())
+        let checked = !self.cfg.health.enabled || self.backends.iter().all(|b| b.probed());
+        checked && self.backends.iter().any(|b| b.is_healthy())
     }
 
     /// Requests currently waiting in the admission queue.
@@ -135,8 +137,9 @@ impl Upstream {
 
     /// Sends one attempt (origin-form URI) to backend `index` and waits for the response
     /// head; the lease must travel with the response body. Feeds passive health: a connect
-    /// failure or a reset before any response byte ejects the backend; missed first-byte
-    /// deadlines count toward the stuck-engine guard.
+    /// failure ejects the backend at once; a close or reset before any response byte counts
+    /// as one failed health observation (`health.failures` in a row eject it); missed
+    /// first-byte deadlines count toward the stuck-engine guard.
     pub async fn send(
         &self,
         index: usize,
@@ -180,7 +183,7 @@ impl Upstream {
                     return Err(ProxyError::RequestBody(detail));
                 }
                 let h = &self.cfg.health;
-                backend.health_result(
+                backend.observe(
                     upstream,
                     Err(format!("failed before responding: {detail}")),
                     h.failures,
