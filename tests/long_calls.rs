@@ -297,6 +297,7 @@ async fn a_node_unreachable_longer_than_the_grace_returns_502_saying_so() {
     assert_eq!(v["error"]["type"], "inference_start_interrupted");
     let msg = v["error"]["message"].as_str().unwrap();
     assert!(msg.contains("did not answer a status poll"), "{msg}");
+    assert!(!msg.contains("127.0.0.1"), "no backend address: {msg}");
 }
 
 #[tokio::test]
@@ -599,6 +600,11 @@ async fn an_upstream_error_after_keepalives_ends_in_one_error_event_and_an_abort
     let ev = error_event(&text);
     assert_eq!(ev["error"]["type"], "upstream_broken");
     assert_eq!(ev["error"]["code"], 502);
+    let msg = ev["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("vllm") && !msg.contains("127.0.0.1"),
+        "names the upstream, never the backend address: {msg}"
+    );
 }
 
 #[tokio::test]

@@ -131,6 +131,16 @@ impl ProxyError {
                 "upstream {upstream} sent no response headers within {}",
                 humantime::format_duration(*timeout)
             ),
+            // The detail is podproxy's own wording (no address, no socket error).
+            ProxyError::StartInterrupted {
+                upstream, detail, ..
+            } => format!("inference start on upstream {upstream} did not complete: {detail}"),
+            ProxyError::StartTimeout {
+                upstream, budget, ..
+            } => format!(
+                "inference start on upstream {upstream} not completed within {}",
+                humantime::format_duration(*budget)
+            ),
             other => other.to_string(),
         }
     }

@@ -231,10 +231,13 @@ impl Body for KeepAliveBody {
                             continue;
                         }
                         Poll::Ready(Err(e)) => {
-                            let reason = e.to_string();
+                            // The client's event never names a backend address; the
+                            // access log's reason does.
+                            let event =
+                                error_event(e.kind(), &e.public_message(), e.status().as_u16());
                             this.state = State::Failing {
-                                event: Some(error_event(e.kind(), &reason, e.status().as_u16())),
-                                reason,
+                                event: Some(event),
+                                reason: e.to_string(),
                             };
                             continue;
                         }

@@ -530,11 +530,17 @@ async fn follow(
             "long-call status poll failed ({failure}); retrying"
         );
         if silent > cfg.unreachable_grace {
+            tracing::warn!(
+                upstream = &*upstream,
+                backend = &*backend,
+                "no answer to a status poll for {}s; the last failure: {failure}",
+                silent.as_secs()
+            );
             break (
                 Outcome::Unreachable,
                 interrupted(format!(
                     "the mlnode did not answer a status poll for {} (restarting or \
-                     unreachable; last failure: {failure})",
+                     unreachable)",
                     humantime::format_duration(Duration::from_secs(silent.as_secs()))
                 )),
             );
