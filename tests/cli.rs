@@ -334,8 +334,11 @@ fn a_port_in_use_is_reported_once_in_the_format_the_environment_asks_for() {
 #[tokio::test]
 async fn the_first_lines_say_which_config_runs_and_what_it_serves() {
     let vllm = VllmSim::start(VllmConfig::default()).await.unwrap();
-    let running = Running::start("summary", "5s", &vllm.url()).await;
-    let logs = eventually_logged(&running, "starting:").await;
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let running = Running::start("summary", "5s", &format!("{}, {dead}", vllm.url())).await;
+    // The first health round counts only backends that answered.
+    let logs = eventually_logged(&running, "backends healthy").await;
+    assert!(logs.contains("1/2 backends healthy"), "{logs}");
     let line = logs.lines().find(|l| l.contains("starting:")).unwrap();
     assert!(line.contains("summary.toml"), "{line}");
     assert!(
@@ -346,7 +349,10 @@ async fn the_first_lines_say_which_config_runs_and_what_it_serves() {
         "{line}"
     );
     assert!(
-        line.contains(&format!("upstreams: vllm {}", vllm.url())),
+        line.contains(&format!(
+            "upstreams: vllm {} .. {dead} (2 backends)",
+            vllm.url()
+        )),
         "{line}"
     );
     assert!(!logs.contains('\x1b'), "colour codes in a file: {logs:?}");

@@ -96,7 +96,7 @@ fn json_route_config(url: &str) -> String {
     format!(
         "[admin]\nbind = \"127.0.0.1:0\"\n\n[listeners.main]\nbind = \"127.0.0.1:0\"\n\
          routes = [{{ prefix = \"/\", upstream = \"u\", json_content_type = true }}]\n\n\
-         [upstreams.u]\nurls = \"{url}\"\n"
+         [upstreams.u]\nurls = \"{url}\"\nhealth = {{ enabled = false }}\n"
     )
 }
 
@@ -275,6 +275,24 @@ async fn a_poc_body_without_content_type_is_rewritten_and_typed() {
         got.body_str(),
         body.replace("http://api:9100", "http://203.0.113.7:9100")
     );
+    // Received bytes are what the client sent, not the rewritten body (the exchange is
+    // recorded when its response body ends, just after the client has it).
+    let line = format!(
+        "podproxy_received_bytes_total{{listener=\"poc\"}} {}",
+        body.len()
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let metrics = admin_get(proxy.admin.unwrap(), "/metrics").await;
+        if metrics.contains(&line) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{line} not in:\n{metrics}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     proxy.shutdown().await;
 }
 

@@ -954,10 +954,17 @@ async fn readiness_backends_and_config_follow_the_backend() {
         assert_eq!((status, v), (StatusCode::OK, json!({"status": "ok"})));
     };
 
-    // Up: ready, one healthy backend with nothing in flight.
+    // Up: ready once the first health round has answered, one healthy backend with
+    // nothing in flight.
     healthz().await;
-    let (status, ready) = admin_json(addr, "/readyz", tok).await;
-    assert_eq!(status, StatusCode::OK, "{ready}");
+    let ready = admin_until(
+        addr,
+        "/readyz",
+        tok,
+        "ready after the first health round",
+        |s, _| s == StatusCode::OK,
+    )
+    .await;
     assert_eq!(ready, json!({"ready": true, "not_ready": []}));
     let (status, mut b) = admin_json(addr, "/backends", tok).await;
     assert_eq!(status, StatusCode::OK);

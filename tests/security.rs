@@ -70,6 +70,40 @@ async fn a_host_that_trains_reopens_it_with_one_variable() {
 }
 
 #[tokio::test]
+async fn the_embedded_default_takes_an_allowlist_from_the_environment() {
+    let mlnode = MlnodeSim::start(MlnodeConfig::default()).await.unwrap();
+    let vllm = VllmSim::start(VllmConfig::default()).await.unwrap();
+    let text = embedded_default_with_env(
+        &mlnode.url(),
+        &vllm.url(),
+        &[("PODPROXY_ALLOW_IPS", "203.0.113.7/32, 10.0.0.0/8")],
+    );
+    let proxy = Proxy::start(&text).await;
+    for listener in ["poc", "inference"] {
+        let resp = raw_exchange(
+            proxy.addr(listener),
+            b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        .await;
+        assert_eq!(resp.status, 403, "{listener}: 127.0.0.1 is not on the list");
+    }
+    let text = embedded_default_with_env(
+        &mlnode.url(),
+        &vllm.url(),
+        &[("PODPROXY_ALLOW_IPS", "127.0.0.1")],
+    );
+    let open = Proxy::start(&text).await;
+    let resp = raw_exchange(
+        open.addr("poc"),
+        b"GET /api/v1/state HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+    proxy.shutdown().await;
+    open.shutdown().await;
+}
+
+#[tokio::test]
 async fn error_bodies_name_the_upstream_but_never_its_address() {
     let dead = format!("http://127.0.0.1:{}", free_port());
     let proxy = Proxy::simple(&dead, "health = { enabled = false }").await;

@@ -88,17 +88,25 @@ async fn handle(mut req: Request<Incoming>, shared: &Shared, gate: &Gate) -> Res
                         .iter()
                         .enumerate()
                         .map(|(i, b)| {
-                            json!({
+                            let mut v = json!({
                                 "url": &*b.label,
                                 "healthy": b.is_healthy(),
                                 "in_flight": b.in_flight(),
                                 "requests": b.requests(),
                                 "idle_connections": u.idle_connections_of(i),
                                 "last_error": b.last_error(),
-                            })
+                            });
+                            if let Some(extra) = u.signals_view(i) {
+                                v["signals"] = extra;
+                            }
+                            v
                         })
                         .collect();
-                    json!({"name": &*u.name, "ready": u.is_ready(), "queued": u.queued(), "backends": backends})
+                    let mut v = json!({"name": &*u.name, "ready": u.is_ready(), "queued": u.queued(), "backends": backends});
+                    if let Some(a) = u.affinity_view() {
+                        v["affinity"] = a;
+                    }
+                    v
                 })
                 .collect();
             json_response(StatusCode::OK, json!({"upstreams": upstreams}))

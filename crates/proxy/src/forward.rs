@@ -120,6 +120,7 @@ async fn forward(
         .check_request(path_and_query.path(), &mut parts.headers)?;
     prepare_request_headers(&mut parts, peer, ctx.proto)?;
     let idle = upstream.cfg.idle_timeout;
+    let mut prompt_key = None;
     // Only a route that asks for it, and only a request without any Content-Type: every
     // other request goes on without looking at its body.
     let add_type =
@@ -170,7 +171,28 @@ async fn forward(
                 &ctx.series,
             );
         }
+        // Prefix affinity keys on the same bytes (docs/balancing.md).
+        if upstream.cfg.balance.affinity
+            && crate::upstream::affinity::may_have_prompt(&parts.method, &parts.headers)
+        {
+            let limit = upstream.cfg.balance.affinity_prefix_bytes;
+            prompt_key = crate::upstream::affinity::prompt_key(&bytes[..bytes.len().min(limit)]);
+        }
         RequestBody::Full(bytes)
+    } else if upstream.cfg.balance.affinity
+        && crate::upstream::affinity::may_have_prompt(&parts.method, &parts.headers)
+    {
+        // Prefix affinity (docs/balancing.md): the prompt's opening picks the backend.
+        // The same read serves the Content-Type sniff.
+        let limit = upstream.cfg.balance.affinity_prefix_bytes;
+        let (mut pre, key) = crate::upstream::affinity::prefetch_key(body, limit, idle)
+            .await
+            .map_err(|e| ProxyError::RequestBody(e.to_string()))?;
+        prompt_key = key;
+        if add_type {
+            json_content_type(&mut parts.headers, pre.frames(), &ctx.series);
+        }
+        RequestBody::Stream(Replayable::prefetched(pre))
     } else if add_type {
         // The header must be in the head, and the head goes before any body byte: wait
         // for the body's first non-blank byte (bounded). The DAPI writes a small body
@@ -190,7 +212,7 @@ async fn forward(
     // backend. Once an attempt may have reached the upstream, nothing is retried.
     let mut tried: Vec<usize> = Vec::new();
     let (resp, lease) = loop {
-        let (index, slot) = upstream.acquire(&tried).await?;
+        let (index, slot) = upstream.acquire_for(&tried, prompt_key).await?;
         let backend = slot.backend().clone();
         ex.backend = Some(backend.label.clone());
         ex.slot = Some(slot);

@@ -61,7 +61,7 @@ impl Gate {
             exempt: cfg
                 .token_exempt
                 .iter()
-                .map(|p| normalize_for_match(p))
+                .map(|p| normalize_for_match(p).into_owned())
                 .collect(),
             allow: cfg.allow_ips.clone(),
             block: cfg
@@ -69,7 +69,7 @@ impl Gate {
                 .iter()
                 .map(String::as_str)
                 .chain((!cfg.allow_training).then_some(TRAINING_PREFIX))
-                .map(normalize_for_match)
+                .map(|p| normalize_for_match(p).into_owned())
                 .collect(),
         })
     }
@@ -123,7 +123,7 @@ impl Gate {
             // Our token never travels further, exempt path or not.
             headers.remove(header::AUTHORIZATION);
             Ok(())
-        } else if self.exempt.contains(&path) {
+        } else if self.exempt.iter().any(|e| *e == *path) {
             Ok(())
         } else {
             Err(ProxyError::Unauthorized)

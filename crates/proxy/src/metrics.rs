@@ -41,6 +41,22 @@ pub struct BackendLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScrapeErrorLabels {
+    pub upstream: String,
+    pub backend: String,
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AffinityLabels {
+    pub upstream: String,
+    /// "hit" | "override_full" | "override_margin"
+    pub outcome: String,
+}
+
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub kind: String,
 }
@@ -76,6 +92,14 @@ pub struct Metrics {
     backend_healthy: Family<BackendLabels, Gauge>,
     backend_requests: Family<BackendLabels, Gauge>,
     backend_idle: Family<BackendLabels, Gauge>,
+    engine_running: Family<BackendLabels, FloatGauge>,
+    engine_waiting: Family<BackendLabels, FloatGauge>,
+    engine_kv: Family<BackendLabels, FloatGauge>,
+    signals_age: Family<BackendLabels, FloatGauge>,
+    scrape_errors: Family<ScrapeErrorLabels, Counter>,
+    affinity: Family<AffinityLabels, Counter>,
+    /// Renders clear and refill the live families: one at a time.
+    render_lock: std::sync::Mutex<()>,
     pub poc_rewritten: Counter,
     pub poc_refused: Counter,
     pub callbacks_relayed: Family<ListenerLabel, Counter>,
@@ -109,6 +133,13 @@ impl Metrics {
             backend_healthy: Family::default(),
             backend_requests: Family::default(),
             backend_idle: Family::default(),
+            engine_running: Family::default(),
+            engine_waiting: Family::default(),
+            engine_kv: Family::default(),
+            signals_age: Family::default(),
+            scrape_errors: Family::default(),
+            affinity: Family::default(),
+            render_lock: std::sync::Mutex::new(()),
             poc_rewritten: Counter::default(),
             poc_refused: Counter::default(),
             callbacks_relayed: Family::default(),
@@ -184,6 +215,36 @@ impl Metrics {
             m.backend_idle.clone(),
         );
         r.register(
+            "backend_engine_running",
+            "vLLM num_requests_running at the last scrape (balance.signals)",
+            m.engine_running.clone(),
+        );
+        r.register(
+            "backend_engine_waiting",
+            "vLLM num_requests_waiting at the last scrape (balance.signals)",
+            m.engine_waiting.clone(),
+        );
+        r.register(
+            "backend_engine_kv_usage",
+            "vLLM KV-cache usage (0..1) at the last scrape (balance.signals)",
+            m.engine_kv.clone(),
+        );
+        r.register(
+            "backend_signals_age_seconds",
+            "Age of the last engine signals; older than two scrape intervals = stale",
+            m.signals_age.clone(),
+        );
+        r.register(
+            "backend_scrape_errors",
+            "Failed /metrics scrapes by kind (connect, status, timeout, too_large, parse)",
+            m.scrape_errors.clone(),
+        );
+        r.register(
+            "affinity_decisions",
+            "Prefix-affinity requests: sent to the preferred backend (hit) or moved by the load guard",
+            m.affinity.clone(),
+        );
+        r.register(
             "poc_callback_rewritten",
             "PoC callback urls pointed at the Network Node",
             m.poc_rewritten.clone(),
@@ -220,11 +281,36 @@ impl Metrics {
     /// Prometheus text exposition. Backend gauges are read from the live upstreams at
     /// scrape time, so removed backends disappear after a reload.
     pub fn render(&self, upstreams: &[Arc<Upstream>]) -> String {
+        let _one_at_a_time = self.render_lock.lock();
         self.backend_in_flight.clear();
         self.backend_healthy.clear();
         self.backend_requests.clear();
         self.backend_idle.clear();
+        self.engine_running.clear();
+        self.engine_waiting.clear();
+        self.engine_kv.clear();
+        self.signals_age.clear();
+        // Counters kept on the live upstreams: re-created with their current value (a
+        // rebuilt upstream starts again at 0, which Prometheus reads as a counter reset).
+        self.scrape_errors.clear();
+        self.affinity.clear();
+        let now = std::time::Instant::now();
         for u in upstreams {
+            if u.cfg.balance.affinity {
+                let a = u.affinity_counts();
+                for (outcome, c) in [
+                    ("hit", &a.hits),
+                    ("override_full", &a.overrides_full),
+                    ("override_margin", &a.overrides_margin),
+                ] {
+                    self.affinity
+                        .get_or_create(&AffinityLabels {
+                            upstream: u.name.to_string(),
+                            outcome: outcome.into(),
+                        })
+                        .inc_by(c.load(std::sync::atomic::Ordering::Relaxed));
+                }
+            }
             for (i, b) in u.backends().iter().enumerate() {
                 let l = BackendLabels {
                     upstream: u.name.to_string(),
@@ -242,6 +328,26 @@ impl Metrics {
                 self.backend_idle
                     .get_or_create(&l)
                     .set(u.idle_connections_of(i) as i64);
+                if !u.cfg.balance.signals {
+                    continue;
+                }
+                for kind in crate::upstream::signals::ScrapeError::ALL {
+                    self.scrape_errors
+                        .get_or_create(&ScrapeErrorLabels {
+                            upstream: l.upstream.clone(),
+                            backend: l.backend.clone(),
+                            kind: kind.as_str().into(),
+                        })
+                        .inc_by(b.scrape_errors(kind));
+                }
+                if let Some(s) = b.signals() {
+                    self.engine_running.get_or_create(&l).set(s.running);
+                    self.engine_waiting.get_or_create(&l).set(s.waiting);
+                    self.engine_kv.get_or_create(&l).set(s.kv_usage);
+                    self.signals_age
+                        .get_or_create(&l)
+                        .set(now.saturating_duration_since(s.at).as_secs_f64());
+                }
             }
         }
         let dropped = crate::logging::dropped_lines();

@@ -112,18 +112,31 @@ pub fn split_query(target: &str) -> (&str, &str) {
 /// collapsed, `.` and `..` segments resolved. Used only to *decide* (PoC guard, blocked
 /// paths), never to forward: `/api/v1/pow/init/%67enerate` must not slip past a check
 /// that uvicorn's decoding would then route to `/api/v1/pow/init/generate`.
-pub fn normalize_for_match(path: &str) -> String {
+pub fn normalize_for_match(path: &str) -> std::borrow::Cow<'_, str> {
     normalize(path, true)
 }
 
 /// Like `normalize_for_match` but keeps `..` segments: a server that does not resolve
 /// them (uvicorn does not) routes `/a/train/../x` under `/a/train/`, so a block rule must
 /// look at both forms.
-pub fn normalize_keep_dot_dot(path: &str) -> String {
+pub fn normalize_keep_dot_dot(path: &str) -> std::borrow::Cow<'_, str> {
     normalize(path, false)
 }
 
-fn normalize(path: &str, resolve_dot_dot: bool) -> String {
+/// A path with nothing to decode, no empty segment and no dot segment is already in
+/// normal form: the common case costs no allocation.
+fn already_normal(path: &str) -> bool {
+    path.starts_with('/') && !path.contains(['%']) && !path.contains("//") && !path.contains("/.")
+}
+
+fn normalize(path: &str, resolve_dot_dot: bool) -> std::borrow::Cow<'_, str> {
+    if already_normal(path) {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    std::borrow::Cow::Owned(normalize_slow(path, resolve_dot_dot))
+}
+
+fn normalize_slow(path: &str, resolve_dot_dot: bool) -> String {
     let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
     let mut segments: Vec<&str> = Vec::new();
     for seg in decoded.split('/') {
@@ -223,6 +236,25 @@ mod tests {
     fn resolve(t: &RouteTable, target: &str) -> Option<(usize, String)> {
         t.resolve(target)
             .map(|m| (m.route.upstream, m.path_and_query))
+    }
+
+    #[test]
+    fn the_no_allocation_path_agrees_with_full_normalisation() {
+        for p in [
+            "/",
+            "/api/v1/state",
+            "/api/v1/state/",
+            "/v1/chat/completions",
+            "/api/v1/train",
+            "/a-b_c~d/e:f@g",
+        ] {
+            assert!(already_normal(p), "{p}");
+            assert_eq!(normalize_slow(p, true), p);
+            assert_eq!(normalize_slow(p, false), p);
+        }
+        for p in ["/a//b", "/a/./b", "/a/../b", "/%61", "/a/.", "x", "/.env"] {
+            assert!(!already_normal(p), "{p}");
+        }
     }
 
     #[test]

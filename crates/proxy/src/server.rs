@@ -521,7 +521,8 @@ impl Drop for SourceGuard {
     }
 }
 
-/// One health-check task per upstream object; kept in step with the current upstreams.
+/// One background task (health checks, engine-signal scrapes) per upstream object; kept in
+/// step with the current upstreams.
 #[derive(Default)]
 struct HealthTasks {
     running: Vec<(Arc<Upstream>, tokio::task::AbortHandle)>,
@@ -538,8 +539,9 @@ impl HealthTasks {
             keep
         });
         for u in upstreams {
-            if u.cfg.health.enabled && !self.running.iter().any(|(r, _)| Arc::ptr_eq(r, u)) {
-                let handle = self.set.spawn(crate::upstream::health::run(u.clone()));
+            let wanted = u.cfg.health.enabled || u.cfg.balance.signals;
+            if wanted && !self.running.iter().any(|(r, _)| Arc::ptr_eq(r, u)) {
+                let handle = self.set.spawn(crate::upstream::background(u.clone()));
                 self.running.push((u.clone(), handle));
             }
         }

@@ -10,6 +10,8 @@
 //! - [`record`]: what each server received, byte for byte, with event-driven waiting.
 //! - [`vllm`]: an OpenAI-compatible vLLM server that streams SSE tokens on a schedule and
 //!   counts generations abandoned by the peer.
+//! - [`gpu`]: the vLLM simulator's GPU-like mode (decode slots, KV budget, waiting queue,
+//!   prefix cache, vLLM's `/metrics`), for comparing balancing policies.
 //! - [`mlnode`]: Gonka's mlnode management / PoC API, with the inference start API.
 //! - [`cfhop`]: a Cloudflare-like hop that answers 524 when no response head comes in time.
 //! - [`echo`]: a generic backend (echo, byte generator, sink, status, SSE, hang).
@@ -22,6 +24,7 @@ pub mod cfhop;
 pub mod client;
 pub mod data;
 pub mod echo;
+pub mod gpu;
 pub mod mlnode;
 pub mod record;
 mod server;

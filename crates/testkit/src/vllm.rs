@@ -52,6 +52,11 @@ pub struct VllmConfig {
     /// Answer POSTs 422 when they have no JSON `Content-Type`, as vLLM ≥ 0.20's API server
     /// (FastAPI ≥ 0.132) does. Default off (older vLLM).
     pub strict_content_type: bool,
+    /// GPU-like mode (decode slots, KV budget, waiting queue, prefix cache, `/metrics`):
+    /// see [`crate::gpu`]. Default off: the fixed schedule above. In this mode `prefill`
+    /// and the `x-sim-prefill-ms` / `x-sim-interval-ms` headers are not used; decode runs
+    /// at `token_interval`.
+    pub gpu: Option<crate::gpu::GpuConfig>,
 }
 
 impl Default for VllmConfig {
@@ -62,6 +67,7 @@ impl Default for VllmConfig {
             prefill: Duration::ZERO,
             model: "Qwen/Qwen3-32B-FP8".to_owned(),
             strict_content_type: false,
+            gpu: None,
         }
     }
 }
@@ -185,6 +191,24 @@ impl StreamEnd for GenGuard {
     }
 }
 
+/// A streamed generation's end: the counters, and (GPU mode) its decode slot.
+struct Generation {
+    guard: GenGuard,
+    slot: Option<crate::gpu::Slot>,
+}
+
+impl StreamEnd for Generation {
+    fn completed(&mut self) {
+        self.guard.completed();
+        if let Some(s) = self.slot.as_mut() {
+            s.finished();
+        }
+    }
+    fn failed(&mut self) {
+        self.guard.failed();
+    }
+}
+
 impl Drop for GenGuard {
     fn drop(&mut self) {
         let s = &self.stats;
@@ -201,6 +225,7 @@ impl Drop for GenGuard {
 }
 
 struct State {
+    engine: Option<Arc<crate::gpu::Engine>>,
     cfg: VllmConfig,
     recorder: Recorder,
     stats: Arc<VllmStats>,
@@ -222,6 +247,10 @@ impl VllmSim {
     /// Starts on a given address (the demo uses fixed ports).
     pub async fn start_on(addr: SocketAddr, cfg: VllmConfig) -> std::io::Result<VllmSim> {
         let state = Arc::new(State {
+            engine: cfg
+                .gpu
+                .clone()
+                .map(|g| crate::gpu::Engine::new(g, cfg.model.clone())),
             cfg,
             recorder: Recorder::new(),
             stats: Arc::new(VllmStats::default()),
@@ -251,6 +280,11 @@ impl VllmSim {
     /// Counters.
     pub fn stats(&self) -> &VllmStats {
         &self.state.stats
+    }
+
+    /// The GPU-like engine's state (None unless `VllmConfig::gpu` is set).
+    pub fn gpu_stats(&self) -> Option<crate::gpu::GpuStats> {
+        self.state.engine.as_ref().map(|e| e.stats())
     }
 
     /// Stops accepting and aborts every open connection abruptly (no clean HTTP end).
@@ -308,6 +342,14 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> hyper::Response<TkBod
                 "root": st.cfg.model, "parent": null, "max_model_len": 32768,
             }]}),
         ),
+        (&Method::GET, "/metrics") if st.engine.is_some() => match &st.engine {
+            Some(e) => server::response(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                crate::client::full(e.metrics_text()),
+            ),
+            None => server::not_found(),
+        },
         (&Method::POST, "/tokenize") => tokenize(&body),
         (&Method::POST, "/v1/chat/completions") => generate(st, &parts.headers, &body, true).await,
         (&Method::POST, "/v1/completions") => generate(st, &parts.headers, &body, false).await,
@@ -399,9 +441,25 @@ async fn generate(
     // From here the generation exists: if this future (or the body) is dropped before it
     // ends, the guard counts a cancellation.
     let mut guard = GenGuard::new(st.stats.clone(), stream);
-    if !prefill.is_zero() {
-        tokio::time::sleep(prefill).await;
-    }
+    let (interval, mut slot, cached) = match &st.engine {
+        Some(engine) => {
+            let prompt = crate::gpu::prompt_of(&req, engine.block_tokens());
+            let slot = engine.admit(&prompt, tokens).await;
+            let cached = engine.prefill(&prompt).await;
+            (
+                st.cfg.token_interval,
+                Some(slot),
+                Some((prompt.tokens, cached)),
+            )
+        }
+        None => {
+            if !prefill.is_zero() {
+                tokio::time::sleep(prefill).await;
+            }
+            (interval, None, None)
+        }
+    };
+    let prompt_tokens = cached.map_or(prompt_tokens, |(t, _)| t);
 
     if stream {
         st.stats.bump(&st.stats.streams_started);
@@ -426,7 +484,8 @@ async fn generate(
             });
             Bytes::from(format!("data: {ev}\n\n"))
         });
-        return server::sse_response(EventBody::new(tokens, interval, fail_after, make, guard));
+        let end = Generation { guard, slot };
+        return server::sse_response(EventBody::new(tokens, interval, fail_after, make, end));
     }
 
     if !interval.is_zero() && tokens > 0 {
@@ -435,6 +494,10 @@ async fn generate(
     }
     guard.completed();
     drop(guard);
+    if let Some(s) = slot.as_mut() {
+        s.finished();
+    }
+    drop(slot);
     let text: String = (0..tokens).map(token_text).collect();
     let choice = if chat {
         json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": "length"})
@@ -445,7 +508,8 @@ async fn generate(
         StatusCode::OK,
         &json!({
             "id": id, "object": object, "created": created, "model": model, "choices": [choice],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens},
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens,
+                      "prompt_tokens_details": cached.map(|(_, c)| json!({"cached_tokens": c}))},
         }),
     )
 }

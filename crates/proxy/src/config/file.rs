@@ -357,6 +357,24 @@ pub struct UpstreamSection {
     #[serde(default)]
     pub health: HealthSection,
     pub tls: Option<UpstreamTlsSection>,
+    /// LLM-aware balancing (engine signals, prompt-prefix affinity); docs/balancing.md.
+    #[serde(default)]
+    pub balance: BalanceSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalanceSection {
+    pub signals: Option<bool>,
+    pub metrics_path: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub scrape_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub scrape_timeout: Option<Duration>,
+    pub max_scrape_bytes: Option<usize>,
+    pub affinity: Option<bool>,
+    pub affinity_prefix_bytes: Option<usize>,
+    pub affinity_margin: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

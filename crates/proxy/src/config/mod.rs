@@ -254,6 +254,51 @@ pub struct UpstreamConfig {
     pub health: HealthConfig,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<crate::tls::UpstreamTls>,
+    pub balance: BalanceConfig,
+}
+
+/// LLM-aware balancing of one upstream (docs/balancing.md). Both halves are off by
+/// default; then the choice is plain least outstanding requests.
+#[derive(Debug, Clone, Serialize)]
+pub struct BalanceConfig {
+    /// Scrape each backend's vLLM `/metrics` and balance on its queue and KV pressure.
+    pub signals: bool,
+    pub metrics_path: String,
+    #[serde(with = "humantime_serde")]
+    pub scrape_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub scrape_timeout: Duration,
+    /// A larger `/metrics` answer is a scrape error.
+    pub max_scrape_bytes: usize,
+    /// Prefer one backend per prompt opening (rendezvous hashing), guarded by load.
+    pub affinity: bool,
+    /// Request-body bytes read to find the prompt; the body is relayed whole either way.
+    pub affinity_prefix_bytes: usize,
+    /// Load guard: leave the preferred backend when its score exceeds the best one's by
+    /// more than this (score units: one running request = 1).
+    pub affinity_margin: f64,
+}
+
+impl BalanceConfig {
+    /// Whether the choice may differ from plain least outstanding at all.
+    pub fn enabled(&self) -> bool {
+        self.signals || self.affinity
+    }
+}
+
+impl Default for BalanceConfig {
+    fn default() -> Self {
+        BalanceConfig {
+            signals: false,
+            metrics_path: defaults::METRICS_PATH.into(),
+            scrape_interval: defaults::SCRAPE_INTERVAL,
+            scrape_timeout: defaults::SCRAPE_INTERVAL,
+            max_scrape_bytes: defaults::MAX_SCRAPE_BYTES,
+            affinity: false,
+            affinity_prefix_bytes: defaults::AFFINITY_PREFIX_BYTES,
+            affinity_margin: defaults::AFFINITY_MARGIN,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -321,6 +366,14 @@ pub mod defaults {
     /// Upper bound on backends one port range may expand to.
     pub const MAX_PORT_RANGE: u32 = 256;
     pub const ADMIN_BIND: &str = "127.0.0.1:9901";
+    pub const METRICS_PATH: &str = "/metrics";
+    pub const SCRAPE_INTERVAL: Duration = Duration::from_millis(250);
+    /// vLLM's `/metrics` is tens of KiB (histograms); 1 MiB leaves room for many models.
+    pub const MAX_SCRAPE_BYTES: usize = 1024 * 1024;
+    pub const AFFINITY_PREFIX_BYTES: usize = 16 * 1024;
+    /// Upper bound on `affinity_prefix_bytes`: the prefix is held in memory per request.
+    pub const MAX_AFFINITY_PREFIX_BYTES: usize = 1024 * 1024;
+    pub const AFFINITY_MARGIN: f64 = 4.0;
 }
 
 impl Config {

@@ -394,3 +394,63 @@ fn the_summary_names_listeners_upstreams_and_admin() {
     );
     assert!(s.contains("admin: off"), "{s}");
 }
+
+#[test]
+fn balance_is_off_by_default_and_validates_with_key_paths() {
+    let cfg = Config::from_toml(MINIMAL).unwrap();
+    let b = &cfg.upstreams[0].balance;
+    assert!(!b.signals && !b.affinity && !b.enabled());
+    assert_eq!(b.scrape_interval, Duration::from_millis(250));
+    assert_eq!(b.scrape_timeout, b.scrape_interval);
+    assert_eq!(b.affinity_prefix_bytes, 16 * 1024);
+    let printed = cfg.to_toml();
+    assert!(printed.contains("[upstreams.u.balance]"), "{printed}");
+
+    let on = format!(
+        "{MINIMAL}balance = {{ signals = true, affinity = true, scrape_interval = \"100ms\", affinity_margin = 2 }}\n"
+    );
+    let cfg = Config::from_toml(&on).unwrap();
+    let b = &cfg.upstreams[0].balance;
+    assert!(b.signals && b.affinity);
+    assert_eq!(b.scrape_timeout, Duration::from_millis(100));
+    assert_eq!(b.affinity_margin, 2.0);
+    let again = Config::from_toml(&cfg.to_toml()).unwrap();
+    assert_eq!(again.to_toml(), cfg.to_toml());
+
+    for (setting, key, reason) in [
+        (
+            "scrape_interval = \"0s\"",
+            "upstreams.u.balance.scrape_interval",
+            "above zero",
+        ),
+        (
+            "scrape_timeout = \"2s\"",
+            "upstreams.u.balance.scrape_timeout",
+            "longer than scrape_interval",
+        ),
+        (
+            "metrics_path = \"metrics\"",
+            "upstreams.u.balance.metrics_path",
+            "must start with /",
+        ),
+        (
+            "max_scrape_bytes = 10",
+            "upstreams.u.balance.max_scrape_bytes",
+            "at least 1024",
+        ),
+        (
+            "affinity_prefix_bytes = 2",
+            "upstreams.u.balance.affinity_prefix_bytes",
+            "between 64",
+        ),
+        (
+            "affinity_margin = -1.0",
+            "upstreams.u.balance.affinity_margin",
+            "at least 0",
+        ),
+        ("sigals = true", "upstreams.u.balance", "unknown field"),
+    ] {
+        let e = err_of(&format!("{MINIMAL}balance = {{ {setting} }}\n"));
+        assert!(e.starts_with(key) && e.contains(reason), "{setting}: {e}");
+    }
+}

@@ -5,8 +5,8 @@
 //! would otherwise fail at the first handshake.
 
 use super::{
-    defaults, file, AdminConfig, BackendAddr, Config, GateConfig, HealthConfig, ListenerConfig,
-    LogFormat, Problem, RouteConfig, ServerConfig, UpstreamConfig,
+    defaults, file, AdminConfig, BackendAddr, BalanceConfig, Config, GateConfig, HealthConfig,
+    ListenerConfig, LogFormat, Problem, RouteConfig, ServerConfig, UpstreamConfig,
 };
 use crate::poc::{self, PocConfig};
 use std::net::SocketAddr;
@@ -605,7 +605,9 @@ fn upstream(name: String, u: file::UpstreamSection, f: &mut Findings) -> Option<
         other => other,
     };
     let tls = u.tls.and_then(|t| upstream_tls(&key, t, &backends, f));
+    let balance = balance_section(&key, u.balance, f);
     let cfg = UpstreamConfig {
+        balance,
         tls,
         max_concurrent: u.max_concurrent,
         queue_size: u.queue_size.unwrap_or(defaults::QUEUE_SIZE),
@@ -667,6 +669,70 @@ fn upstream_tls(
         return None;
     }
     Some(tls)
+}
+
+fn balance_section(key: &str, b: file::BalanceSection, f: &mut Findings) -> BalanceConfig {
+    let key = format!("{key}.balance");
+    let d = BalanceConfig::default();
+    let scrape_interval = f.positive(
+        &format!("{key}.scrape_interval"),
+        b.scrape_interval,
+        d.scrape_interval,
+    );
+    // The timeout defaults to the interval: a scrape never overlaps the next one.
+    let scrape_timeout = f.positive(
+        &format!("{key}.scrape_timeout"),
+        b.scrape_timeout,
+        scrape_interval,
+    );
+    if scrape_timeout > scrape_interval {
+        f.add(
+            format!("{key}.scrape_timeout"),
+            format!(
+                "{} is longer than scrape_interval ({})",
+                humantime::format_duration(scrape_timeout),
+                humantime::format_duration(scrape_interval)
+            ),
+        );
+    }
+    let metrics_path = b.metrics_path.unwrap_or(d.metrics_path);
+    if !metrics_path.starts_with('/') {
+        f.add(
+            format!("{key}.metrics_path"),
+            format!("{metrics_path:?} must start with /, like \"/metrics\""),
+        );
+    }
+    let max_scrape_bytes = b.max_scrape_bytes.unwrap_or(d.max_scrape_bytes);
+    if max_scrape_bytes < 1024 {
+        f.add(format!("{key}.max_scrape_bytes"), "must be at least 1024");
+    }
+    let affinity_prefix_bytes = b.affinity_prefix_bytes.unwrap_or(d.affinity_prefix_bytes);
+    if !(64..=defaults::MAX_AFFINITY_PREFIX_BYTES).contains(&affinity_prefix_bytes) {
+        f.add(
+            format!("{key}.affinity_prefix_bytes"),
+            format!(
+                "must be between 64 and {}",
+                defaults::MAX_AFFINITY_PREFIX_BYTES
+            ),
+        );
+    }
+    let affinity_margin = b.affinity_margin.unwrap_or(d.affinity_margin);
+    if !affinity_margin.is_finite() || affinity_margin < 0.0 {
+        f.add(
+            format!("{key}.affinity_margin"),
+            "must be a number of at least 0, like 4.0",
+        );
+    }
+    BalanceConfig {
+        signals: b.signals.unwrap_or(false),
+        metrics_path,
+        scrape_interval,
+        scrape_timeout,
+        max_scrape_bytes,
+        affinity: b.affinity.unwrap_or(false),
+        affinity_prefix_bytes,
+        affinity_margin,
+    }
 }
 
 /// `http://127.0.0.1:5001-5004` → the four URLs; anything else passes through. Lets one

@@ -2,7 +2,9 @@
 //! guard that travels with the response body, so a 5-minute stream holds its slot for
 //! 5 minutes, and a cancelled request releases it the moment hyper drops the body.
 
-use crate::config::BackendAddr;
+use super::score::{self, Candidate, Pick, Signals};
+use super::signals::ScrapeError;
+use crate::config::{BackendAddr, BalanceConfig};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -46,12 +48,25 @@ pub struct Backend {
     /// Whether a health check has answered yet: the first one decides at once.
     probed: AtomicBool,
     last_error: Mutex<Option<String>>,
+    /// Rendezvous seed from the URL (prefix affinity).
+    seed: u64,
+    /// The last engine signals scraped, and the last scrape's error (balance.signals).
+    signals: Mutex<SignalState>,
+    /// Scrape errors by kind, in the order of `ScrapeError::ALL`.
+    scrape_errors: [AtomicU64; 5],
+}
+
+#[derive(Debug, Default)]
+struct SignalState {
+    last: Option<Signals>,
+    last_error: Option<ScrapeError>,
 }
 
 impl Backend {
     pub fn new(addr: BackendAddr, waiters: Arc<Waiters>, passive_only: bool) -> Self {
+        let addr_label = addr.to_string();
         Backend {
-            label: addr.to_string().into(),
+            label: addr_label.as_str().into(),
             addr,
             waiters,
             in_flight: AtomicUsize::new(0),
@@ -66,12 +81,50 @@ impl Backend {
             passive_only,
             probed: AtomicBool::new(false),
             last_error: Mutex::new(None),
+            seed: score::seed_of(&addr_label),
+            signals: Mutex::new(SignalState::default()),
+            scrape_errors: Default::default(),
         }
     }
 
     /// Whether an active health check has answered (or failed) yet.
     pub fn probed(&self) -> bool {
         self.probed.load(Ordering::Relaxed)
+    }
+
+    /// The last engine signals (fresh or not).
+    pub fn signals(&self) -> Option<Signals> {
+        self.signals.lock().ok().and_then(|s| s.last)
+    }
+
+    /// The last scrape's error, if the last scrape failed.
+    pub fn last_scrape_error(&self) -> Option<ScrapeError> {
+        self.signals.lock().ok().and_then(|s| s.last_error)
+    }
+
+    pub fn set_signals(&self, s: Signals) {
+        if let Ok(mut st) = self.signals.lock() {
+            st.last = Some(s);
+            st.last_error = None;
+        }
+    }
+
+    /// Keeps the last signals (they go stale by age) and counts the error.
+    pub fn scrape_failed(&self, e: ScrapeError) {
+        if let Some(i) = ScrapeError::ALL.iter().position(|k| *k == e) {
+            self.scrape_errors[i].fetch_add(1, Ordering::Relaxed);
+        }
+        if let Ok(mut st) = self.signals.lock() {
+            st.last_error = Some(e);
+        }
+    }
+
+    /// Scrape errors of one kind since the backend was configured.
+    pub fn scrape_errors(&self, e: ScrapeError) -> u64 {
+        ScrapeError::ALL
+            .iter()
+            .position(|k| *k == e)
+            .map_or(0, |i| self.scrape_errors[i].load(Ordering::Relaxed))
     }
 
     pub fn in_flight(&self) -> usize {
@@ -326,6 +379,61 @@ pub fn take_least_loaded(
         Some((i, _)) => Ok((i, InFlight::acquire(backends[i].clone()))),
         None if any_healthy => Err(NoSlot::AllFull),
         None => Err(NoSlot::NoneHealthy),
+    }
+}
+
+/// The LLM-aware choice (`balance` on): the same candidates as `take_least_loaded`
+/// (healthy, not excluded), loaded by their engine-signals score when every one of them
+/// has fresh signals, else by in-flight count; then `score::pick` with the prompt key.
+pub fn take_balanced(
+    backends: &[Arc<Backend>],
+    start: usize,
+    cap: Option<usize>,
+    exclude: &[usize],
+    policy: &BalanceConfig,
+    key: Option<u64>,
+    now: Instant,
+) -> Result<(usize, InFlight, Pick), NoSlot> {
+    let n = backends.len();
+    let mut cands = Vec::with_capacity(n);
+    let mut all_fresh = policy.signals;
+    for k in 0..n {
+        let i = (start + k) % n;
+        let b = &backends[i];
+        if exclude.contains(&i) || !b.is_healthy() {
+            continue;
+        }
+        let in_flight = b.in_flight();
+        let mut load = in_flight as f64;
+        if all_fresh {
+            match b.signals() {
+                Some(s) if score::is_fresh(&s, now, policy.scrape_interval) => {
+                    load = score::score(&s, in_flight);
+                }
+                _ => all_fresh = false,
+            }
+        }
+        cands.push(Candidate {
+            index: i,
+            load,
+            full: cap.is_some_and(|c| in_flight >= c),
+            seed: b.seed,
+        });
+    }
+    if cands.is_empty() {
+        return Err(NoSlot::NoneHealthy);
+    }
+    if policy.signals && !all_fresh {
+        // Scores and in-flight counts do not compare: everyone by in-flight count.
+        for c in &mut cands {
+            c.load = backends[c.index].in_flight() as f64;
+        }
+    }
+    let key = if policy.affinity { key } else { None };
+    let pick = score::pick(&cands, key, policy.affinity_margin);
+    match pick.index() {
+        Some(i) => Ok((i, InFlight::acquire(backends[i].clone()), pick)),
+        None => Err(NoSlot::AllFull),
     }
 }
 

@@ -1,18 +1,21 @@
 //! An upstream: its backends, its keepalive pool, admission, and how one attempt is sent.
 
+pub mod affinity;
 pub mod backend;
 pub mod health;
 pub mod pool;
+pub mod score;
+pub mod signals;
 
 use crate::body::Relay;
 use crate::config::UpstreamConfig;
 use crate::error::ProxyError;
-use backend::{take_least_loaded, Backend, InFlight, NoSlot, Waiters};
+use backend::{take_balanced, take_least_loaded, Backend, InFlight, NoSlot, Waiters};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use pool::{Lease, Pool, SendError};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +26,18 @@ pub struct Upstream {
     pool: Arc<Pool>,
     rotation: AtomicUsize,
     waiters: Arc<Waiters>,
+    affinity: AffinityCounts,
+}
+
+/// How prefix affinity decided, since the upstream was configured.
+#[derive(Debug, Default)]
+pub struct AffinityCounts {
+    /// Requests sent to their prompt's preferred backend.
+    pub hits: AtomicU64,
+    /// Load guard: the preferred backend was at `max_concurrent`.
+    pub overrides_full: AtomicU64,
+    /// Load guard: the preferred backend's score exceeded the best by the margin.
+    pub overrides_margin: AtomicU64,
 }
 
 impl Upstream {
@@ -69,6 +84,7 @@ impl Upstream {
             pool,
             rotation: AtomicUsize::new(0),
             waiters,
+            affinity: AffinityCounts::default(),
         })
     }
 
@@ -88,10 +104,64 @@ impl Upstream {
         self.waiters.waiting()
     }
 
+    /// `/backends`: backend `index`'s last engine signals and their age (with
+    /// `balance.signals` on; None otherwise).
+    pub fn signals_view(&self, index: usize) -> Option<serde_json::Value> {
+        if !self.cfg.balance.signals {
+            return None;
+        }
+        let b = self.backends.get(index)?;
+        let now = std::time::Instant::now();
+        let last = b.signals().map(|s| {
+            serde_json::json!({
+                "running": s.running,
+                "waiting": s.waiting,
+                "kv_usage": s.kv_usage,
+                "in_flight_at_scrape": s.in_flight_at_scrape,
+                "age_ms": now.saturating_duration_since(s.at).as_millis() as u64,
+                "fresh": score::is_fresh(&s, now, self.cfg.balance.scrape_interval),
+                "score": score::score(&s, b.in_flight()),
+            })
+        });
+        Some(serde_json::json!({
+            "last": last,
+            "last_scrape_error": b.last_scrape_error().map(|e| e.as_str()),
+        }))
+    }
+
+    /// `/backends`: prefix-affinity decisions (with `balance.affinity` on).
+    pub fn affinity_view(&self) -> Option<serde_json::Value> {
+        if !self.cfg.balance.affinity {
+            return None;
+        }
+        let a = &self.affinity;
+        Some(serde_json::json!({
+            "hits": a.hits.load(Ordering::Relaxed),
+            "overrides_full": a.overrides_full.load(Ordering::Relaxed),
+            "overrides_margin": a.overrides_margin.load(Ordering::Relaxed),
+        }))
+    }
+
+    /// Prefix-affinity decisions so far.
+    pub fn affinity_counts(&self) -> &AffinityCounts {
+        &self.affinity
+    }
+
     /// Takes an in-flight slot on the least-loaded healthy backend not in `exclude`. When
     /// every healthy backend is at `max_concurrent`, waits in the bounded queue up to
     /// `queue_timeout`; no healthy backend at all fails at once.
     pub async fn acquire(&self, exclude: &[usize]) -> Result<(usize, InFlight), ProxyError> {
+        self.acquire_for(exclude, None).await
+    }
+
+    /// `acquire` with the request's prompt key (prefix affinity, `affinity::prompt_key`).
+    /// With `balance` off for this upstream the key is ignored and the choice is exactly
+    /// `acquire`'s: least outstanding requests.
+    pub async fn acquire_for(
+        &self,
+        exclude: &[usize],
+        key: Option<u64>,
+    ) -> Result<(usize, InFlight), ProxyError> {
         let no_healthy = || ProxyError::NoHealthyBackend {
             upstream: self.name.to_string(),
         };
@@ -100,7 +170,29 @@ impl Upstream {
         };
         let cap = self.cfg.max_concurrent;
         let start = self.rotation.fetch_add(1, Ordering::Relaxed);
-        match take_least_loaded(&self.backends, start, cap, exclude) {
+        let balance = &self.cfg.balance;
+        let plain = !balance.signals && (key.is_none() || !balance.affinity);
+        let take = || {
+            if plain {
+                return take_least_loaded(&self.backends, start, cap, exclude);
+            }
+            let now = std::time::Instant::now();
+            let (i, slot, pick) =
+                take_balanced(&self.backends, start, cap, exclude, balance, key, now)?;
+            let counter = match pick {
+                score::Pick::Preferred(_) => Some(&self.affinity.hits),
+                score::Pick::Guarded { reason, .. } => Some(match reason {
+                    score::Override::Full => &self.affinity.overrides_full,
+                    score::Override::Margin => &self.affinity.overrides_margin,
+                }),
+                _ => None,
+            };
+            if let Some(c) = counter {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok((i, slot))
+        };
+        match take() {
             Ok(slot) => return Ok(slot),
             Err(NoSlot::NoneHealthy) => return Err(no_healthy()),
             Err(NoSlot::AllFull) => {}
@@ -114,7 +206,7 @@ impl Upstream {
             let notified = ticket.notified();
             let mut notified = std::pin::pin!(notified);
             notified.as_mut().enable();
-            match take_least_loaded(&self.backends, start, cap, exclude) {
+            match take() {
                 Ok(slot) => return Ok(slot),
                 Err(NoSlot::NoneHealthy) => return Err(no_healthy()),
                 Err(NoSlot::AllFull) => {}
@@ -207,6 +299,22 @@ impl Upstream {
             }
         }
     }
+}
+
+/// An upstream's background work until aborted: active health checks and engine-signal
+/// scrapes (`balance.signals`), each when configured.
+pub async fn background(up: Arc<Upstream>) {
+    let health = async {
+        if up.cfg.health.enabled {
+            health::run(up.clone()).await;
+        }
+    };
+    let signals = async {
+        if up.cfg.balance.signals {
+            signals::run(up.clone()).await;
+        }
+    };
+    tokio::join!(health, signals);
 }
 
 fn caused_by_request_body(e: &(dyn std::error::Error + 'static)) -> bool {

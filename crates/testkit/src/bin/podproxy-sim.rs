@@ -3,6 +3,9 @@
 //!
 //! Usage: podproxy-sim [--vllm ADDR]... [--mlnode ADDR]... [--sink ADDR] [--echo ADDR]
 //!                     [--token-interval-ms N] [--tokens N]
+//!                     [--gpu-slots N] [--kv-tokens N] [--prefill-us-per-token N]
+//! Any `--gpu-*`/`--kv-tokens`/`--prefill-us-per-token` flag puts the vLLM simulators in
+//! their GPU-like mode (testkit::gpu), with defaults for the others.
 //! Prints one line per server, `<kind> http://<addr>`, then runs until SIGTERM/SIGINT.
 
 use std::net::SocketAddr;
@@ -10,7 +13,7 @@ use std::time::Duration;
 use testkit::vllm::{VllmConfig, VllmSim};
 
 fn usage(msg: &str) -> ! {
-    eprintln!("podproxy-sim: {msg}\nusage: podproxy-sim [--vllm ADDR]... [--mlnode ADDR] [--sink ADDR] [--echo ADDR] [--token-interval-ms N] [--tokens N]");
+    eprintln!("podproxy-sim: {msg}\nusage: podproxy-sim [--vllm ADDR]... [--mlnode ADDR] [--sink ADDR] [--echo ADDR] [--token-interval-ms N] [--tokens N] [--gpu-slots N] [--kv-tokens N] [--prefill-us-per-token N]");
     std::process::exit(2)
 }
 
@@ -40,6 +43,17 @@ async fn main() {
             "--echo" => echo = Some(addr()),
             "--token-interval-ms" => cfg.token_interval = Duration::from_millis(num()),
             "--tokens" => cfg.tokens = num() as usize,
+            "--gpu-slots" => {
+                cfg.gpu.get_or_insert_with(Default::default).decode_slots = num() as usize
+            }
+            "--kv-tokens" => {
+                cfg.gpu.get_or_insert_with(Default::default).kv_tokens = num() as usize
+            }
+            "--prefill-us-per-token" => {
+                cfg.gpu
+                    .get_or_insert_with(Default::default)
+                    .prefill_per_token = Duration::from_micros(num())
+            }
             other => usage(&format!("unknown flag {other}")),
         }
     }
