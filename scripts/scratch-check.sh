@@ -47,7 +47,7 @@ echo "nameserver 127.0.0.1" >"$root/etc/resolv.conf"
 printf '127.0.0.1 localhost\n127.0.0.1 mlnode-scratch\n' >"$root/etc/hosts"
 echo "root holds: $(cd "$root" && find . -mindepth 1 | sort | tr '\n' ' ')"
 
-env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin POC_PORT="$poc" INFERENCE_PORT="$inf" ADMIN_PORT="$admin" \
+env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin POC_PORT="$poc" INFERENCE_PORT="$inf" PODPROXY_ADMIN_BIND="127.0.0.1:$admin" \
   MLNODE_URL="http://mlnode-scratch:$mlnode_port" VLLM_URLS="http://127.0.0.1:$vllm_port" \
   unshare --fork --pid --mount-proc chroot --userspec=65532:65532 "$root" /podproxy >"$outlog" 2>&1 &
 ns=$!

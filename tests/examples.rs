@@ -1,4 +1,5 @@
-//! Every shipped config (embedded default and config/examples/*.toml) passes `podproxy check`.
+//! Every shipped config (embedded default, config/examples/*.toml and the compose deployment's
+//! deploy/compose/*.toml) passes `podproxy check`.
 
 use std::process::Command;
 
@@ -114,4 +115,29 @@ fn example_needing_a_variable_names_it_when_unset() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("NETWORK_NODE_CALLBACK"), "{stderr}");
+}
+
+#[test]
+fn compose_deployment_configs_pass_check() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/compose");
+    let mut checked = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("deploy/compose") {
+        let path = entry.expect("entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        let (ok, stdout, stderr) = check(path.to_str());
+        assert!(ok, "{}: {stderr}", path.display());
+        assert!(
+            stdout.contains("mlnode-308:8080"),
+            "{}: {stdout}",
+            path.display()
+        );
+        checked.push(path);
+    }
+    assert_eq!(
+        checked.len(),
+        2,
+        "podproxy.toml and podproxy-mtls.toml: {checked:?}"
+    );
 }
