@@ -24,6 +24,9 @@ pub enum BodyError {
     IdleTimeout(Duration),
     #[error("request body was already handed to an earlier attempt")]
     AlreadyTaken,
+    /// The upstream failed after podproxy had started the response itself (SSE keep-alive).
+    #[error("upstream failed after the response had started: {0}")]
+    Upstream(String),
 }
 
 /// Observes a relayed body. `frame` is called for every data frame; `end` once, when the
@@ -47,6 +50,8 @@ enum Source {
         slot: Arc<Mutex<Option<Pending>>>,
         taken: Option<Pending>,
     },
+    /// A body made by another module (the SSE keep-alive stream), polled as it is.
+    Boxed(Pin<Box<dyn Body<Data = Bytes, Error = BodyError> + Send>>),
 }
 
 /// A request body not yet relayed: frames already read (by `Prefetched::read`), then the
@@ -308,6 +313,15 @@ impl Relay {
         Relay::full(Bytes::new())
     }
 
+    /// Relays a body made elsewhere; it keeps its own timers.
+    pub fn boxed(body: impl Body<Data = Bytes, Error = BodyError> + Send + 'static) -> Self {
+        Relay(Box::new(Parts {
+            source: Source::Boxed(Box::pin(body)),
+            idle: None,
+            meter: None,
+        }))
+    }
+
     pub fn with_meter(mut self, meter: Box<dyn Meter>) -> Self {
         self.0.meter = Some(meter);
         self
@@ -351,6 +365,7 @@ impl Body for Relay {
                     None => Poll::Ready(Some(Err(BodyError::AlreadyTaken))),
                 }
             }
+            Source::Boxed(body) => body.as_mut().poll_frame(cx),
         };
         let out = ready!(polled);
         match &out {
@@ -372,6 +387,7 @@ impl Body for Relay {
         match &self.0.source {
             Source::Stream(b) | Source::Upstream { body: b, .. } => b.is_end_stream(),
             Source::Full(b) => b.is_none(),
+            Source::Boxed(b) => b.is_end_stream(),
             Source::Slot { taken: Some(p), .. } => p.is_end_stream(),
             Source::Slot { slot, .. } => slot
                 .lock()
@@ -384,6 +400,7 @@ impl Body for Relay {
         match &self.0.source {
             Source::Stream(b) | Source::Upstream { body: b, .. } => b.size_hint(),
             Source::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Source::Boxed(b) => b.size_hint(),
             Source::Slot { taken: Some(p), .. } => p.size_hint(),
             Source::Slot { slot, .. } => slot
                 .lock()

@@ -43,6 +43,21 @@ pub enum ProxyError {
         backend: String,
         timeout: Duration,
     },
+    /// Long-call mode: the mlnode's start ended without `completed` (restart, unreachable,
+    /// cancelled).
+    #[error("inference start on upstream {upstream} ({backend}) did not complete: {detail}")]
+    StartInterrupted {
+        upstream: String,
+        backend: String,
+        detail: String,
+    },
+    /// Long-call mode: the start was still not `completed` when the budget ran out.
+    #[error("inference start on upstream {upstream} ({backend}) not completed within {}", humantime::format_duration(*.budget))]
+    StartTimeout {
+        upstream: String,
+        backend: String,
+        budget: Duration,
+    },
 }
 
 impl ProxyError {
@@ -56,10 +71,12 @@ impl ProxyError {
             ProxyError::NoHealthyBackend { .. } | ProxyError::Overloaded { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ProxyError::Connect { .. } | ProxyError::UpstreamBroken { .. } => {
-                StatusCode::BAD_GATEWAY
+            ProxyError::Connect { .. }
+            | ProxyError::UpstreamBroken { .. }
+            | ProxyError::StartInterrupted { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout { .. } | ProxyError::StartTimeout { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
             }
-            ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -76,6 +93,8 @@ impl ProxyError {
             ProxyError::Connect { .. } => "upstream_connect",
             ProxyError::UpstreamBroken { .. } => "upstream_broken",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
+            ProxyError::StartInterrupted { .. } => "inference_start_interrupted",
+            ProxyError::StartTimeout { .. } => "inference_start_timeout",
         }
     }
 
@@ -111,6 +130,16 @@ impl ProxyError {
             } => format!(
                 "upstream {upstream} sent no response headers within {}",
                 humantime::format_duration(*timeout)
+            ),
+            // The detail is podproxy's own wording (no address, no socket error).
+            ProxyError::StartInterrupted {
+                upstream, detail, ..
+            } => format!("inference start on upstream {upstream} did not complete: {detail}"),
+            ProxyError::StartTimeout {
+                upstream, budget, ..
+            } => format!(
+                "inference start on upstream {upstream} not completed within {}",
+                humantime::format_duration(*budget)
             ),
             other => other.to_string(),
         }
@@ -227,12 +256,30 @@ mod tests {
             ),
             (
                 ProxyError::UpstreamTimeout {
-                    upstream: u,
-                    backend: b,
+                    upstream: u.clone(),
+                    backend: b.clone(),
                     timeout: Duration::from_secs(1),
                 },
                 504,
                 "upstream_timeout",
+            ),
+            (
+                ProxyError::StartInterrupted {
+                    upstream: u.clone(),
+                    backend: b.clone(),
+                    detail: "x".into(),
+                },
+                502,
+                "inference_start_interrupted",
+            ),
+            (
+                ProxyError::StartTimeout {
+                    upstream: u,
+                    backend: b,
+                    budget: Duration::from_secs(1),
+                },
+                504,
+                "inference_start_timeout",
             ),
         ];
         for (err, status, kind) in cases {

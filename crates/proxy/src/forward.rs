@@ -125,6 +125,25 @@ async fn forward(
     // other request goes on without looking at its body.
     let add_type =
         matched.route.json_content_type && !parts.headers.contains_key(header::CONTENT_TYPE);
+    if let Some(cfg) = crate::longcall::applies(
+        matched.route.long_call,
+        &parts.method,
+        path_and_query.path(),
+    ) {
+        let call = crate::longcall::Call {
+            upstream,
+            cfg,
+            query: path_and_query.query(),
+            json_content_type: add_type,
+            series: &ctx.series,
+        };
+        return crate::longcall::inference_up(call, parts, body, ex).await;
+    }
+    let sniff =
+        crate::sse_keepalive::candidate(matched.route.sse_keepalive, &parts.method, &parts.headers)
+            .filter(|_| !poc_body);
+    // Set once the body says `"stream": true`.
+    let mut keepalive = None;
     let body = if poc_body {
         let (bytes, received) = ctx
             .poc
@@ -141,6 +160,25 @@ async fn forward(
         RequestBody::Full(bytes)
     } else if body.is_end_stream() {
         RequestBody::Full(Bytes::new())
+    } else if let Some(every) = sniff {
+        let bytes = crate::sse_keepalive::read_body(body, idle).await?;
+        ex.bytes_in.store(bytes.len() as u64, Ordering::Relaxed);
+        keepalive = crate::sse_keepalive::is_stream_request(&bytes).then_some(every);
+        if add_type {
+            json_content_type(
+                &mut parts.headers,
+                std::slice::from_ref(&bytes),
+                &ctx.series,
+            );
+        }
+        // Prefix affinity keys on the same bytes (docs/balancing.md).
+        if upstream.cfg.balance.affinity
+            && crate::upstream::affinity::may_have_prompt(&parts.method, &parts.headers)
+        {
+            let limit = upstream.cfg.balance.affinity_prefix_bytes;
+            prompt_key = crate::upstream::affinity::prompt_key(&bytes[..bytes.len().min(limit)]);
+        }
+        RequestBody::Full(bytes)
     } else if upstream.cfg.balance.affinity
         && crate::upstream::affinity::may_have_prompt(&parts.method, &parts.headers)
     {
@@ -193,7 +231,20 @@ async fn forward(
                 attempt.headers_mut().insert(header::HOST, host);
             }
         }
-        match upstream.send(index, attempt).await {
+        let sent = match keepalive {
+            Some(every) => {
+                let counters = crate::sse_keepalive::Counters::new(ctx.series.metrics(), ex);
+                match crate::sse_keepalive::send(upstream, index, attempt, every, counters).await {
+                    crate::sse_keepalive::Sent::Head(r) => r,
+                    crate::sse_keepalive::Sent::KeepAlive(resp) => {
+                        ex.start_sse();
+                        return Ok(resp);
+                    }
+                }
+            }
+            None => upstream.send(index, attempt).await,
+        };
+        match sent {
             Ok(resp) => break resp,
             Err(e @ ProxyError::Connect { .. }) if !last_chance && body.replayable() => {
                 tracing::info!(upstream = &*upstream.name, "{e}; trying another backend");
@@ -227,7 +278,11 @@ const SNIFF_LIMIT: usize = 4096;
 
 /// Adds `Content-Type: application/json` when the body starts like JSON (`{` or `[` after
 /// blanks), and counts it.
-fn json_content_type(headers: &mut http::HeaderMap, frames: &[Bytes], series: &ListenerSeries) {
+pub(crate) fn json_content_type(
+    headers: &mut http::HeaderMap,
+    frames: &[Bytes],
+    series: &ListenerSeries,
+) {
     if matches!(first_non_whitespace(frames), Some(b'{' | b'[')) {
         headers.insert(
             header::CONTENT_TYPE,

@@ -106,6 +106,8 @@ pub struct Metrics {
     pub content_type_added: Family<ListenerLabel, Counter>,
     log_dropped: Counter,
     pub reloads: Family<ResultLabel, Counter>,
+    /// Long-call mode and SSE keep-alive (`longcall`, `sse_keepalive`).
+    pub long_calls: crate::longcall::LongCallMetrics,
 }
 
 impl Default for Metrics {
@@ -144,6 +146,7 @@ impl Metrics {
             content_type_added: Family::default(),
             log_dropped: Counter::default(),
             reloads: Family::default(),
+            long_calls: Default::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -271,6 +274,7 @@ impl Metrics {
             "Config reloads by result",
             m.reloads.clone(),
         );
+        m.long_calls.register(r);
         m
     }
 

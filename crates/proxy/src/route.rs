@@ -16,6 +16,10 @@ pub struct Route {
     /// The prefix is itself a version segment (`/v3.0.13/`): on a version-stripping
     /// listener it is matched before the strip, so side-by-side mlnode versions work.
     pub versioned: bool,
+    /// Long-call mode for `inference/up` (`longcall`), when on.
+    pub long_call: Option<crate::longcall::LongCallConfig>,
+    /// SSE keep-alive interval (`sse_keepalive`), when on.
+    pub sse_keepalive: Option<std::time::Duration>,
     /// The prefix as a shared string: the route's metrics label.
     pub label: std::sync::Arc<str>,
 }
@@ -48,6 +52,8 @@ impl RouteTable {
                     poc: r.poc,
                     json_content_type: r.json_content_type,
                     versioned: version_segment_len(&r.prefix).is_some(),
+                    long_call: r.inference_up_async,
+                    sse_keepalive: r.sse_keepalive,
                     label: r.prefix.as_str().into(),
                 })
             })
@@ -212,6 +218,9 @@ mod tests {
                     strip_prefix: *s,
                     poc: false,
                     json_content_type: false,
+                    inference_up: Default::default(),
+                    inference_up_async: None,
+                    sse_keepalive: None,
                 })
                 .collect(),
             tls: None,

@@ -12,13 +12,15 @@
 //!   counts generations abandoned by the peer.
 //! - [`gpu`]: the vLLM simulator's GPU-like mode (decode slots, KV budget, waiting queue,
 //!   prefix cache, vLLM's `/metrics`), for comparing balancing policies.
-//! - [`mlnode`]: Gonka's mlnode management / PoC API.
+//! - [`mlnode`]: Gonka's mlnode management / PoC API, with the inference start API.
+//! - [`cfhop`]: a Cloudflare-like hop that answers 524 when no response head comes in time.
 //! - [`echo`]: a generic backend (echo, byte generator, sink, status, SSE, hang).
 //! - [`sink`]: the Network Node's PoC callback server.
 //! - [`data`]: deterministic bulk data and streaming hashes for very large bodies.
 //! - [`sse`]: client-side SSE reader that measures framing and arrival times.
 //! - [`client`]: body type aliases and a small hyper client for tests.
 
+pub mod cfhop;
 pub mod client;
 pub mod data;
 pub mod echo;

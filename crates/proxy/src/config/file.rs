@@ -311,6 +311,25 @@ pub struct RouteSection {
     pub poc: bool,
     #[serde(default)]
     pub json_content_type: bool,
+    /// `"direct"` (default) or `"async"`: long-call mode for `POST /api/v1/inference/up`
+    /// (`longcall`).
+    pub inference_up: Option<String>,
+    pub inference_up_async: Option<InferenceUpAsyncSection>,
+    /// SSE keep-alive before the first token of `"stream": true` requests (absent = off).
+    #[serde(default, with = "humantime_serde")]
+    pub sse_keepalive: Option<Duration>,
+}
+
+/// Settings of `inference_up = "async"` (all optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceUpAsyncSection {
+    #[serde(default, with = "humantime_serde")]
+    pub poll_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub budget: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub unreachable_grace: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -209,6 +209,17 @@ pub struct RouteConfig {
     /// 0.132 and later (vLLM 0.20 and later, newer mlnode images) answers such a request
     /// 422, and the DAPI sends its JSON POSTs without the header.
     pub json_content_type: bool,
+    /// `POST /api/v1/inference/up` carried out as `up/async` + `up/status` polls.
+    pub inference_up: crate::longcall::InferenceUpMode,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inference_up_async: Option<crate::longcall::LongCallConfig>,
+    /// SSE keep-alive interval before the first token of streaming requests.
+    #[serde(
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
+    pub sse_keepalive: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -256,12 +256,27 @@ fn route(
             r.prefix, r.prefix
         ));
     }
+    let (inference_up, inference_up_async, sse_keepalive) = match crate::longcall::validate_route(
+        key,
+        r.inference_up.as_deref(),
+        r.inference_up_async,
+        r.sse_keepalive,
+    ) {
+        Ok(settings) => settings,
+        Err(p) => {
+            f.add(p.key, p.reason);
+            return None;
+        }
+    };
     ok.then_some(RouteConfig {
         prefix: r.prefix,
         upstream: r.upstream,
         strip_prefix: r.strip_prefix,
         poc: r.poc,
         json_content_type: r.json_content_type,
+        inference_up,
+        inference_up_async,
+        sse_keepalive,
     })
 }
 
