@@ -1675,7 +1675,12 @@ async fn sighup_reloads_the_real_binary() {
         child.try_wait().unwrap().is_none(),
         "SIGHUP ended the process"
     );
-    assert!(logs().contains("reload rejected"), "{}", logs());
+    // The log line is written by podproxy's log thread: it lands shortly after the reload.
+    let deadline = Instant::now() + WAIT;
+    while !logs().contains("reload rejected") {
+        assert!(Instant::now() < deadline, "never logged:\n{}", logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     signal(pid, "-TERM");
     let status = bounded("exit after SIGTERM", child.wait()).await.unwrap();
