@@ -40,15 +40,24 @@ def health():
 PY
 (cd "$work" && exec python3 -m uvicorn app:app --host 127.0.0.1 --port "$app_port" --log-level warning) &
 app=$!
+proxy=
+trap 'kill $app $proxy 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
+fail() { echo "fastapi-compat FAILED: $*"; echo "--- podproxy log"; cat "$work/podproxy.log" 2>/dev/null; exit 1; }
+# The app first: podproxy's first health check decides, so a backend that is not up yet
+# would be down until the next round.
+for _ in $(seq 1 150); do
+  curl -sf -o /dev/null "http://127.0.0.1:$app_port/health" && break
+  sleep 0.1
+done
+curl -sf -o /dev/null "http://127.0.0.1:$app_port/health" || fail "uvicorn did not start"
 POC_PORT=$poc_port INFERENCE_PORT=$inf_port PODPROXY_ADMIN_BIND=127.0.0.1:0 \
   MLNODE_URL=http://127.0.0.1:$app_port VLLM_URLS=http://127.0.0.1:$app_port \
   "$bin" >"$work/podproxy.log" 2>&1 &
 proxy=$!
-trap 'kill $app $proxy 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
-fail() { echo "fastapi-compat FAILED: $*"; echo "--- podproxy log"; cat "$work/podproxy.log"; exit 1; }
-
-for _ in $(seq 1 100); do
-  curl -sf -o /dev/null "http://127.0.0.1:$app_port/health" && curl -s -o /dev/null "http://127.0.0.1:$poc_port/health" && break
+# Ready when a request through podproxy reaches the app (both upstreams checked healthy).
+for _ in $(seq 1 150); do
+  [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$poc_port/health")" = 200 ] \
+    && [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$inf_port/health")" = 200 ] && break
   sleep 0.1
 done
 version=$(python3 -c 'import fastapi; print(fastapi.__version__)')
