@@ -358,6 +358,66 @@ async fn the_first_lines_say_which_config_runs_and_what_it_serves() {
     assert!(!logs.contains('\x1b'), "colour codes in a file: {logs:?}");
 }
 
+#[tokio::test]
+async fn the_poc_rewrite_is_logged_as_old_and_new_url() {
+    let mlnode = testkit::mlnode::MlnodeSim::start(Default::default())
+        .await
+        .unwrap();
+    let port = free_port();
+    let config = scratch_file(
+        "poc-log.toml",
+        &format!(
+            "[listeners.poc]\nbind = \"127.0.0.1:{port}\"\n\
+             routes = [{{ prefix = \"/\", upstream = \"mlnode\", poc = true }}]\n\n\
+             [upstreams.mlnode]\nurls = \"{}\"\n\n\
+             [poc]\ncallback_origin = \"http://203.0.113.7:9100\"\n",
+            mlnode.url()
+        ),
+    );
+    let log = config.with_extension("log");
+    let child = tokio::process::Command::from({
+        let mut c = podproxy();
+        c.arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        c
+    })
+    .kill_on_drop(true)
+    .spawn()
+    .expect("spawn podproxy");
+    let mut running = Running { child, port, log };
+    running.wait_listening().await;
+    let body =
+        r#"{"url":"http://api:9100/v2/poc-batches/Qwen%252FQwen3-32B-FP8","block_height":1}"#;
+    let (parts, _) = send(
+        &http_client(),
+        Request::post(format!(
+            "{}/api/v1/inference/pow/init/generate",
+            running.url()
+        ))
+        .body(full(body))
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(parts.status, 200);
+    let logs = eventually_logged(&running, "PoC callback url rewritten").await;
+    let line = logs
+        .lines()
+        .find(|l| l.contains("PoC callback url rewritten"))
+        .unwrap();
+    // Both sides are whole URLs, written the same way.
+    assert!(
+        line.contains("from=http://api:9100/v2/poc-batches/Qwen%252FQwen3-32B-FP8"),
+        "{line}"
+    );
+    assert!(
+        line.contains("to=http://203.0.113.7:9100/v2/poc-batches/Qwen%252FQwen3-32B-FP8"),
+        "{line}"
+    );
+    running.child.start_kill().ok();
+}
+
 /// The log file once it holds `needle` (the writer thread flushes soon after a line).
 async fn eventually_logged(running: &Running, needle: &str) -> String {
     let deadline = Instant::now() + WAIT;

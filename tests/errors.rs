@@ -41,9 +41,14 @@ fn assert_proxy_error(parts: &http::response::Parts, body: &[u8], status: u16, k
 
 #[tokio::test]
 async fn connect_failure_is_502_upstream_connect() {
-    // A loopback port nobody listens on: connect is refused at once.
+    // A loopback port nobody listens on: connect is refused at once. Without health
+    // checks, whose first failed probe would take the backend out first (503).
     let port = free_port();
-    let proxy = Proxy::simple(&format!("http://127.0.0.1:{port}"), "").await;
+    let proxy = Proxy::simple(
+        &format!("http://127.0.0.1:{port}"),
+        "health = { enabled = false }",
+    )
+    .await;
     let (parts, body) = send(
         &http_client(),
         Request::get(format!("{}/api/v1/state", proxy.url("main")))
