@@ -358,6 +358,39 @@ async fn the_first_lines_say_which_config_runs_and_what_it_serves() {
     assert!(!logs.contains('\x1b'), "colour codes in a file: {logs:?}");
 }
 
+/// On a terminal (a pty from util-linux's `script`) text logs are coloured, unless
+/// `NO_COLOR` is set.
+#[test]
+fn colour_only_on_a_terminal_and_never_with_no_color() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let path = scratch_file("tty.toml", &one_listener(port, ""));
+    let on_a_pty = |no_color: Option<&str>| {
+        let mut cmd = Command::new("script");
+        for v in CONFIG_VARS {
+            cmd.env_remove(v);
+        }
+        if let Some(v) = no_color {
+            cmd.env("NO_COLOR", v);
+        }
+        let line = format!("{BIN} --config {}", path.display());
+        let (out, stdout, stderr) =
+            run(cmd.args(["-qec", &line, "/dev/null"]).stdin(Stdio::null()));
+        assert!(
+            stdout.contains("cannot bind"),
+            "{stdout}{stderr} ({:?})",
+            out.status
+        );
+        stdout
+    };
+    assert!(on_a_pty(None).contains('\x1b'), "no colour on a terminal");
+    assert!(
+        !on_a_pty(Some("1")).contains('\x1b'),
+        "colour despite NO_COLOR"
+    );
+    drop(taken);
+}
+
 #[tokio::test]
 async fn the_poc_rewrite_is_logged_as_old_and_new_url() {
     let mlnode = testkit::mlnode::MlnodeSim::start(Default::default())
