@@ -397,8 +397,9 @@ async fn the_poc_rewrite_is_logged_as_old_and_new_url() {
         .await
         .unwrap();
     let port = free_port();
-    let config = scratch_file(
-        "poc-log.toml",
+    let running = Running::start_file(
+        "poc-log",
+        port,
         &format!(
             "[listeners.poc]\nbind = \"127.0.0.1:{port}\"\n\
              routes = [{{ prefix = \"/\", upstream = \"mlnode\", poc = true }}]\n\n\
@@ -406,21 +407,8 @@ async fn the_poc_rewrite_is_logged_as_old_and_new_url() {
              [poc]\ncallback_origin = \"http://203.0.113.7:9100\"\n",
             mlnode.url()
         ),
-    );
-    let log = config.with_extension("log");
-    let child = tokio::process::Command::from({
-        let mut c = podproxy();
-        c.arg("--config")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        c
-    })
-    .kill_on_drop(true)
-    .spawn()
-    .expect("spawn podproxy");
-    let mut running = Running { child, port, log };
-    running.wait_listening().await;
+    )
+    .await;
     let body =
         r#"{"url":"http://api:9100/v2/poc-batches/Qwen%252FQwen3-32B-FP8","block_height":1}"#;
     let (parts, _) = send(
@@ -448,7 +436,7 @@ async fn the_poc_rewrite_is_logged_as_old_and_new_url() {
         line.contains("to=http://203.0.113.7:9100/v2/poc-batches/Qwen%252FQwen3-32B-FP8"),
         "{line}"
     );
-    running.child.start_kill().ok();
+    drop(running);
 }
 
 /// The log file once it holds `needle` (the writer thread flushes soon after a line).
@@ -481,15 +469,22 @@ struct Running {
 impl Running {
     async fn start(name: &str, grace: &str, upstream_url: &str) -> Running {
         let port = free_port();
-        let config = scratch_file(
-            &format!("{name}.toml"),
+        Running::start_file(
+            name,
+            port,
             &format!(
                 "[server]\nshutdown_grace = \"{grace}\"\n\n\
                  [listeners.inference]\nbind = \"127.0.0.1:{port}\"\n\
                  routes = [{{ prefix = \"/\", upstream = \"vllm\" }}]\n\n\
                  [upstreams.vllm]\nurls = \"{upstream_url}\"\n"
             ),
-        );
+        )
+        .await
+    }
+
+    /// podproxy from config text whose first listener binds 127.0.0.1:`port`.
+    async fn start_file(name: &str, port: u16, text: &str) -> Running {
+        let config = scratch_file(&format!("{name}.toml"), text);
         let log = config.with_extension("log");
         let child = tokio::process::Command::from({
             let mut c = podproxy();
