@@ -70,6 +70,24 @@ fn check(path: Option<&str>) -> (bool, String, String) {
     )
 }
 
+/// Runs `check` on every `.toml` in `dir` (relative to the repository): each must pass and
+/// print `needle`. Returns the files checked.
+fn check_every_toml_in(dir: &str, needle: &str) -> Vec<std::path::PathBuf> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+    let mut checked = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let path = entry.expect("entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        let (ok, stdout, stderr) = check(path.to_str());
+        assert!(ok, "{}: {stderr}", path.display());
+        assert!(stdout.contains(needle), "{}: {stdout}", path.display());
+        checked.push(path);
+    }
+    checked
+}
+
 #[test]
 fn embedded_default_and_examples_pass_check() {
     let (ok, stdout, stderr) = check(None);
@@ -79,22 +97,7 @@ fn embedded_default_and_examples_pass_check() {
         "{stdout}"
     );
 
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples");
-    let mut checked = 0;
-    for entry in std::fs::read_dir(dir).expect("config/examples") {
-        let path = entry.expect("entry").path();
-        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
-            continue;
-        }
-        let (ok, stdout, stderr) = check(path.to_str());
-        assert!(ok, "{}: {stderr}", path.display());
-        assert!(
-            stdout.contains("[listeners."),
-            "{}: {stdout}",
-            path.display()
-        );
-        checked += 1;
-    }
+    let checked = check_every_toml_in("config/examples", "[listeners.").len();
     assert!(
         checked >= 3,
         "expected the shipped examples, found {checked}"
@@ -119,22 +122,7 @@ fn example_needing_a_variable_names_it_when_unset() {
 
 #[test]
 fn compose_deployment_configs_pass_check() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/compose");
-    let mut checked = Vec::new();
-    for entry in std::fs::read_dir(dir).expect("deploy/compose") {
-        let path = entry.expect("entry").path();
-        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
-            continue;
-        }
-        let (ok, stdout, stderr) = check(path.to_str());
-        assert!(ok, "{}: {stderr}", path.display());
-        assert!(
-            stdout.contains("mlnode-308:8080"),
-            "{}: {stdout}",
-            path.display()
-        );
-        checked.push(path);
-    }
+    let checked = check_every_toml_in("deploy/compose", "mlnode-308:8080");
     assert_eq!(
         checked.len(),
         2,

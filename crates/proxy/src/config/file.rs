@@ -395,9 +395,9 @@ pub struct HealthSection {
 /// whole list. Blank items are dropped.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct StringList {
+    /// As written: the array form keeps blank items (an empty token there is an error),
+    /// the string form has none (an empty string means "none").
     items: Vec<String>,
-    /// Written as one string (where an empty string legitimately means "none").
-    pub from_string: bool,
 }
 
 impl StringList {
@@ -439,7 +439,6 @@ impl<'de> Deserialize<'de> for StringList {
                         .filter(|s| !s.is_empty())
                         .map(str::to_string)
                         .collect(),
-                    from_string: true,
                 })
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(
@@ -450,10 +449,7 @@ impl<'de> Deserialize<'de> for StringList {
                 while let Some(s) = seq.next_element::<String>()? {
                     items.push(s.trim().to_string());
                 }
-                Ok(StringList {
-                    items,
-                    from_string: false,
-                })
+                Ok(StringList { items })
             }
         }
         d.deserialize_any(V)

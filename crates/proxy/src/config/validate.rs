@@ -62,7 +62,7 @@ impl Findings {
         }
     }
 
-    /// A listen address; `what` is an example for the message.
+    /// A listen address; `example` shows the expected form in the message.
     fn bind(&mut self, key: &str, text: &str, example: &str) -> Option<SocketAddr> {
         let parsed = text.parse::<SocketAddr>().map_err(|_| {
             format!(
