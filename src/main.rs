@@ -10,7 +10,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use clap::{Parser, Subcommand};
 use proxy::config::Config;
-use proxy::server::ConfigSource;
+use proxy::reload::ConfigSource;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -143,7 +143,7 @@ fn check(path: Option<PathBuf>, skip_bind: bool) -> ExitCode {
         eprintln!("podproxy: warning: {w}");
     }
     if !skip_bind {
-        let busy = proxy::server::busy_addresses(&config);
+        let busy = proxy::listener::busy_addresses(&config);
         if !busy.is_empty() {
             eprintln!(
                 "podproxy: config ({name}) is valid, but {} cannot be bound:",

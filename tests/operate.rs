@@ -16,7 +16,7 @@ use common::*;
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use proxy::server::{ConfigSource, Reloader};
+use proxy::reload::{ConfigSource, Reloader};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

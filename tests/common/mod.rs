@@ -17,7 +17,7 @@ pub struct Proxy {
     pub upstreams: Vec<std::sync::Arc<proxy::upstream::Upstream>>,
     /// The admin listener, when the config has `[admin]`.
     pub admin: Option<SocketAddr>,
-    pub reloader: proxy::server::Reloader,
+    pub reloader: proxy::reload::Reloader,
 }
 
 impl Proxy {

@@ -6,7 +6,7 @@
 use crate::body::Relay;
 use crate::config::GateConfig;
 use crate::gate::Gate;
-use crate::server::Shared;
+use crate::reload::Shared;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;

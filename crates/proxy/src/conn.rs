@@ -1,8 +1,10 @@
 //! One accepted connection: TLS handshake (if any), protocol detection under the header
 //! timeout, hyper serving, and the graceful drain when its listener stops.
 
+use crate::config::defaults::{H2_MAX_STREAMS, MAX_BUF_SIZE};
 use crate::detect::{detect, Prefixed, Protocol};
-use crate::forward::{self, ListenerCtx};
+use crate::forward;
+use crate::runtime::ListenerCtx;
 use crate::stall::WriteStall;
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
@@ -15,16 +17,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-
-/// HTTP/2 streams per client connection; a DAPI multiplexing one connection must not be
-/// capped below what a node registers (`max_concurrent: 500`).
-const H2_MAX_STREAMS: u32 = 1024;
-
-/// hyper's per-connection buffer cap (read buffer, and the write queue towards the client).
-/// It bounds what a client that stops reading can make podproxy hold: hyper's default
-/// (~400 KiB, on this side and on the upstream side) cost ~1.2 MiB of RSS per stalled
-/// reader; 64 KiB costs ~0.24 MiB. It also caps a request head at 64 KiB (nginx: 32 KiB).
-pub const MAX_BUF_SIZE: usize = 64 * 1024;
 
 /// Serves one accepted TCP connection. TLS and the header timeout come from the listener
 /// context at accept time; every request then takes the context current when it starts, so

@@ -6,12 +6,10 @@
 use crate::access_log::{CountIn, Exchange};
 use crate::body::{first_non_whitespace, Prefetched, Relay, Replayable};
 use crate::error::ProxyError;
-use crate::gate::Gate;
 use crate::headers::{self, X_REQUEST_ID};
-use crate::metrics::{ListenerSeries, UpstreamSeries};
-use crate::poc::Poc;
-use crate::route::{split_query, RouteTable};
-use crate::upstream::Upstream;
+use crate::metrics::ListenerSeries;
+use crate::route::split_query;
+use crate::runtime::ListenerCtx;
 use bytes::Bytes;
 use http::{header, uri, HeaderValue, Method, Request, Response, Uri, Version};
 use http_body::Body as _;
@@ -20,27 +18,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// What a listener's connections need to forward requests. Shared by all its connections;
-/// each request loads the current one when it arrives (so a reload reaches open keep-alive
-/// connections) and keeps it to its end, so a reload never changes a request mid-flight.
-pub struct ListenerCtx {
-    pub name: Arc<str>,
-    pub routes: RouteTable,
-    pub upstreams: Vec<Arc<Upstream>>,
-    /// `X-Forwarded-Proto` value: "http" or "https".
-    pub proto: &'static str,
-    pub poc: Arc<Poc>,
-    pub gate: Gate,
-    /// Metric series of this listener, and of each upstream (same order as `upstreams`).
-    pub series: Arc<ListenerSeries>,
-    pub upstream_series: Vec<Arc<UpstreamSeries>>,
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
-    /// Slowloris guard for this listener's connections.
-    pub header_timeout: Duration,
-    /// Send timeout for this listener's connections (`stall`).
-    pub send_timeout: Duration,
-}
 
 /// The client end of a connection, with its address already formatted for the forwarding
 /// headers (once per connection, not per request).

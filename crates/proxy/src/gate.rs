@@ -2,6 +2,7 @@
 //! Path decisions use the normalised path (`route::normalize_for_match`) so an encoded or
 //! dotted variant cannot slip past a rule that the application behind would still route.
 
+use crate::config::values::read_token_file;
 use crate::config::GateConfig;
 use crate::error::ProxyError;
 use crate::route::{normalize_for_match, normalize_keep_dot_dot};
@@ -17,25 +18,6 @@ use subtle::ConstantTimeEq;
 /// /api/v1/models`, `/api/v1/inference/down`) stay open: the DAPI calls the first two, and
 /// `down` does nothing `stop` does not; a gate (token, allowlist, mTLS) protects them.
 pub const TRAINING_PREFIX: &str = "/api/v1/train/";
-
-/// Tokens from a file: one per line, blank lines and `#` comments ignored.
-pub fn read_token_file(path: &str) -> Result<Vec<String>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
-    Ok(text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(str::to_string)
-        .collect())
-}
-
-/// `10.0.0.0/8`, `2001:db8::/32`, or a single address (`203.0.113.7` = /32).
-pub fn parse_net(text: &str) -> Result<IpNet, String> {
-    let t = text.trim();
-    t.parse::<IpNet>()
-        .or_else(|_| t.parse::<IpAddr>().map(IpNet::from))
-        .map_err(|_| format!("{text:?} is not an address or CIDR range"))
-}
 
 #[derive(Debug, Default)]
 pub struct Gate {
@@ -161,6 +143,7 @@ fn segment_prefix(path: &str, prefix: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::values::parse_net;
     use http::HeaderValue;
 
     fn gate(tokens: &[&str], exempt: &[&str], allow: &[&str], block: &[&str]) -> Gate {

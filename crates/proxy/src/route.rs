@@ -2,6 +2,7 @@
 //! match, then optional prefix strip. Works on the raw request-target: nothing is decoded
 //! or normalised, so `%252F` and `//` reach the upstream exactly as the client sent them.
 
+use crate::config::values::version_segment_len;
 use crate::config::ListenerConfig;
 
 #[derive(Debug, Clone)]
@@ -157,28 +158,6 @@ fn normalize_slow(path: &str, resolve_dot_dot: bool) -> String {
         out.push('/');
     }
     out
-}
-
-/// Length of a leading `/v<major>.<minor>.<patch>[suffix]` segment, if there is one.
-/// `/v1/` is not a version segment (it is the OpenAI API), only three dotted numbers are.
-pub fn version_segment_len(path: &str) -> Option<usize> {
-    let rest = path.strip_prefix("/v")?;
-    let seg_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let seg = &rest[..seg_end];
-    let mut parts = seg.splitn(3, '.');
-    let major = parts.next()?;
-    let minor = parts.next()?;
-    let patch_and_suffix = parts.next()?;
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    let patch_len = patch_and_suffix
-        .bytes()
-        .take_while(u8::is_ascii_digit)
-        .count();
-    if digits(major) && digits(minor) && patch_len > 0 {
-        Some(2 + seg_end)
-    } else {
-        None
-    }
 }
 
 /// `/v3.0.8/api/v1/state?x` → `/api/v1/state?x`; `/v3.0.8` → `/`; anything else unchanged.

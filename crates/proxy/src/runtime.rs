@@ -3,13 +3,13 @@
 //! with a bad certificate or an unbuildable upstream changes nothing.
 
 use crate::config::Config;
-use crate::forward::ListenerCtx;
 use crate::gate::Gate;
 use crate::metrics::{ListenerSeries, Metrics, UpstreamSeries};
 use crate::poc::Poc;
 use crate::route::RouteTable;
 use crate::upstream::Upstream;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio_rustls::TlsAcceptor;
 
 pub struct Runtime {
@@ -17,6 +17,27 @@ pub struct Runtime {
     pub upstreams: Vec<Arc<Upstream>>,
     /// In the order of `config.listeners`.
     pub listeners: Vec<Arc<ListenerCtx>>,
+}
+
+/// What a listener's connections need to forward requests. Shared by all its connections;
+/// each request loads the current one when it arrives (so a reload reaches open keep-alive
+/// connections) and keeps it to its end, so a reload never changes a request mid-flight.
+pub struct ListenerCtx {
+    pub name: Arc<str>,
+    pub routes: RouteTable,
+    pub upstreams: Vec<Arc<Upstream>>,
+    /// `X-Forwarded-Proto` value: "http" or "https".
+    pub proto: &'static str,
+    pub poc: Arc<Poc>,
+    pub gate: Gate,
+    /// Metric series of this listener, and of each upstream (same order as `upstreams`).
+    pub series: Arc<ListenerSeries>,
+    pub upstream_series: Vec<Arc<UpstreamSeries>>,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Slowloris guard for this listener's connections.
+    pub header_timeout: Duration,
+    /// Send timeout for this listener's connections (`stall`).
+    pub send_timeout: Duration,
 }
 
 impl Runtime {
@@ -53,7 +74,7 @@ impl Runtime {
             let err = |e: String| format!("listener {}: {e}", l.name);
             let tls = match &l.tls {
                 Some(t) => Some(TlsAcceptor::from(
-                    crate::tls::server_config(t).map_err(err)?,
+                    crate::config::tls::server_config(t).map_err(err)?,
                 )),
                 None => None,
             };
@@ -96,8 +117,8 @@ impl Runtime {
     }
 }
 
+/// Whether an upstream can be taken over as it is. TLS upstreams are always rebuilt so a
+/// reload picks up rotated certificate files under the same paths.
 fn same_settings(a: &crate::config::UpstreamConfig, b: &crate::config::UpstreamConfig) -> bool {
-    // The serialised form covers every setting (durations, backends). TLS upstreams are
-    // always rebuilt so a reload picks up rotated certificate files under the same paths.
-    a.tls.is_none() && toml::to_string(a).ok() == toml::to_string(b).ok()
+    a.tls.is_none() && a == b
 }

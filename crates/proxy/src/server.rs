@@ -1,126 +1,35 @@
-//! Listeners and the process lifecycle: bind, accept under a per-listener connection cap,
-//! hand each connection to `conn`, apply reloads (SIGHUP or the admin API), and drain on
-//! shutdown.
+//! The process lifecycle: bind every listener (`listener`), serve, apply reloads (SIGHUP or
+//! the admin API, both through a `reload::Reloader`) by building the new runtime before
+//! swapping it in, and drain on shutdown.
 
-use crate::config::{Config, ListenerConfig};
-use crate::forward::ListenerCtx;
+use crate::config::Config;
+use crate::listener::{bind_tcp, BindError, BoundListener};
 use crate::metrics::{Metrics, ResultLabel};
+use crate::reload::{ConfigSource, ReloadReply, Reloader, Shared};
 use crate::runtime::Runtime;
 use crate::upstream::Upstream;
 use arc_swap::ArcSwap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio_util::task::TaskTracker;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("{0}")]
     Setup(String),
-    #[error("listener {name}: cannot bind {addr}: {source}")]
-    Bind {
-        name: String,
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-}
-
-/// Where a reload reads the config from.
-#[derive(Debug, Clone)]
-pub enum ConfigSource {
-    /// Not reloadable (tests, `demo`).
-    Fixed,
-    /// The embedded default, expanded again with the current environment.
-    Embedded,
-    File(PathBuf),
-}
-
-impl std::fmt::Display for ConfigSource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ConfigSource::Fixed => f.write_str("given by the caller (not reloadable)"),
-            ConfigSource::Embedded => f.write_str("embedded default"),
-            ConfigSource::File(p) => write!(f, "{}", p.display()),
-        }
-    }
-}
-
-/// The listen addresses of `config` (listeners and admin) that cannot be bound now, each
-/// as `key: address: reason`. For `podproxy check`: a port another process holds would
-/// otherwise only show at start.
-pub fn busy_addresses(config: &Config) -> Vec<String> {
-    let binds = config
-        .listeners
-        .iter()
-        .map(|l| (format!("listeners.{}.bind", l.name), l.bind))
-        .chain(
-            config
-                .admin
-                .iter()
-                .map(|a| ("admin.bind".to_string(), a.bind)),
-        );
-    binds
-        .filter(|(_, addr)| addr.port() != 0)
-        .filter_map(|(key, addr)| {
-            std::net::TcpListener::bind(addr)
-                .err()
-                .map(|e| format!("{key}: {addr}: {e}"))
-        })
-        .collect()
-}
-
-type ReloadReply = oneshot::Sender<Result<(), String>>;
-
-/// Asks the running server to reload its config; cheap to clone.
-#[derive(Clone)]
-pub struct Reloader(mpsc::Sender<ReloadReply>);
-
-impl Reloader {
-    /// Reloads and waits for the verdict. `Err` carries why the new config was rejected
-    /// (the old one keeps serving).
-    pub async fn reload(&self) -> Result<(), String> {
-        let (tx, rx) = oneshot::channel();
-        self.0
-            .send(tx)
-            .await
-            .map_err(|_| "server is not running".to_string())?;
-        rx.await
-            .map_err(|_| "server stopped during the reload".to_string())?
-    }
-}
-
-/// State shared with the admin API.
-pub struct Shared {
-    pub runtime: ArcSwap<Runtime>,
-    pub metrics: Arc<Metrics>,
-    pub reloader: Reloader,
-}
-
-/// One bound listener. The socket stays open across reloads that keep its address; its
-/// context (routes, gate, TLS, upstreams) is swapped for new connections.
-struct Slot {
-    name: String,
-    bind: SocketAddr,
-    addr: SocketAddr,
-    ctx: Arc<ArcSwap<ListenerCtx>>,
-    limit: Arc<Semaphore>,
-    max: usize,
-    per_source: Arc<PerSource>,
-    stop: watch::Sender<bool>,
-    tcp: Option<TcpListener>,
-    task: Option<JoinHandle<()>>,
+    #[error(transparent)]
+    Bind(#[from] BindError),
 }
 
 /// Bound listeners, ready to serve. Binding is separate from running so callers (tests,
 /// `demo`) learn the real ports before traffic starts.
 pub struct Server {
     shared: Arc<Shared>,
-    slots: Vec<Slot>,
+    listeners: Vec<BoundListener>,
     admin: Option<(TcpListener, Option<String>)>,
     source: ConfigSource,
     reload_rx: mpsc::Receiver<ReloadReply>,
@@ -130,13 +39,13 @@ impl Server {
     pub async fn bind(config: &Config) -> Result<Server, StartError> {
         let metrics = Arc::new(Metrics::new());
         let runtime = Runtime::build(config.clone(), &metrics, None).map_err(StartError::Setup)?;
-        let mut slots = Vec::new();
+        let mut listeners = Vec::new();
         for (l, ctx) in config.listeners.iter().zip(&runtime.listeners) {
-            slots.push(Slot::bind(l, ctx.clone())?);
+            listeners.push(BoundListener::bind(l, ctx.clone())?);
         }
         let admin = match &config.admin {
             Some(a) => {
-                let tcp = bind_tcp(a.bind).map_err(|source| StartError::Bind {
+                let tcp = bind_tcp(a.bind).map_err(|source| BindError {
                     name: "admin".into(),
                     addr: a.bind,
                     source,
@@ -145,14 +54,14 @@ impl Server {
             }
             None => None,
         };
-        let (tx, reload_rx) = mpsc::channel(8);
+        let (reloader, reload_rx) = Reloader::channel();
         Ok(Server {
             shared: Arc::new(Shared {
                 runtime: ArcSwap::from_pointee(runtime),
                 metrics,
-                reloader: Reloader(tx),
+                reloader,
             }),
-            slots,
+            listeners,
             admin,
             source: ConfigSource::Fixed,
             reload_rx,
@@ -167,10 +76,10 @@ impl Server {
 
     /// The address a listener actually bound (port 0 resolved).
     pub fn local_addr(&self, listener: &str) -> Option<SocketAddr> {
-        self.slots
+        self.listeners
             .iter()
-            .find(|s| s.name == listener)
-            .map(|s| s.addr)
+            .find(|l| l.name == listener)
+            .map(|l| l.addr)
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
@@ -208,8 +117,8 @@ impl Server {
         let connections = TaskTracker::new();
         let mut health = HealthTasks::default();
         health.sync(&self.shared.runtime.load().upstreams);
-        for slot in &mut self.slots {
-            slot.start(&connections);
+        for l in &mut self.listeners {
+            l.start(&connections);
         }
         let admin = self
             .admin
@@ -246,8 +155,8 @@ impl Server {
         hangups.abort();
         let grace = self.shared.runtime.load().config.server.shutdown_grace;
         tracing::info!(grace = %humantime::format_duration(grace), "shutting down: no new connections, draining");
-        for slot in &mut self.slots {
-            slot.stop().await;
+        for l in &mut self.listeners {
+            l.stop().await;
         }
         connections.close();
         match tokio::time::timeout(grace, connections.wait()).await {
@@ -290,22 +199,26 @@ impl Server {
         let runtime = Runtime::build(config, &self.shared.metrics, Some(&old))?;
 
         // Bind what is new before touching anything, so a failure leaves all as it was.
-        let mut plan: Vec<(usize, Option<usize>)> = Vec::new(); // (new listener, kept slot)
-        let mut fresh: Vec<Slot> = Vec::new();
+        // (new listener, index of the bound listener it keeps)
+        let mut plan: Vec<(usize, Option<usize>)> = Vec::new();
+        let mut fresh: Vec<BoundListener> = Vec::new();
         for (i, l) in runtime.config.listeners.iter().enumerate() {
             let kept = self
-                .slots
+                .listeners
                 .iter()
-                .position(|s| s.bind == l.bind && (s.name == l.name || l.bind.port() != 0));
+                .position(|b| b.bind == l.bind && (b.name == l.name || l.bind.port() != 0));
             if kept.is_none() {
-                fresh.push(Slot::bind(l, runtime.listeners[i].clone()).map_err(|e| e.to_string())?);
+                fresh.push(
+                    BoundListener::bind(l, runtime.listeners[i].clone())
+                        .map_err(|e| e.to_string())?,
+                );
             }
             plan.push((i, kept));
         }
 
         let runtime = Arc::new(runtime);
-        let mut next: Vec<Slot> = Vec::new();
-        let mut old_slots: Vec<Option<Slot>> = std::mem::take(&mut self.slots)
+        let mut next: Vec<BoundListener> = Vec::new();
+        let mut old: Vec<Option<BoundListener>> = std::mem::take(&mut self.listeners)
             .into_iter()
             .map(Some)
             .collect();
@@ -313,211 +226,27 @@ impl Server {
         for (i, kept) in plan {
             let l = &runtime.config.listeners[i];
             let ctx = runtime.listeners[i].clone();
-            match kept.and_then(|k| old_slots[k].take()) {
-                Some(mut slot) => {
-                    slot.update(l, ctx);
-                    next.push(slot);
+            match kept.and_then(|k| old[k].take()) {
+                Some(mut bound) => {
+                    bound.update(l, ctx);
+                    next.push(bound);
                 }
                 None => {
-                    if let Some(mut slot) = fresh.next() {
-                        slot.start(connections);
-                        next.push(slot);
+                    if let Some(mut bound) = fresh.next() {
+                        bound.start(connections);
+                        next.push(bound);
                     }
                 }
             }
         }
-        for slot in old_slots.into_iter().flatten() {
-            tracing::info!(listener = %slot.name, "listener removed: no new connections, in-flight requests finish");
-            let _ = slot.stop.send(true);
+        for bound in old.into_iter().flatten() {
+            tracing::info!(listener = %bound.name, "listener removed: no new connections, in-flight requests finish");
+            let _ = bound.stop.send(true);
         }
-        self.slots = next;
+        self.listeners = next;
         health.sync(&runtime.upstreams);
         self.shared.runtime.store(runtime);
         Ok(())
-    }
-}
-
-impl Slot {
-    fn bind(l: &ListenerConfig, ctx: Arc<ListenerCtx>) -> Result<Slot, StartError> {
-        let tcp = bind_tcp(l.bind).map_err(|source| StartError::Bind {
-            name: l.name.clone(),
-            addr: l.bind,
-            source,
-        })?;
-        let addr = tcp.local_addr().unwrap_or(l.bind);
-        Ok(Slot {
-            name: l.name.clone(),
-            bind: l.bind,
-            addr,
-            ctx: Arc::new(ArcSwap::new(ctx)),
-            limit: Arc::new(Semaphore::new(l.max_connections)),
-            max: l.max_connections,
-            per_source: Arc::new(PerSource::new(l.max_connections_per_source)),
-            stop: watch::channel(false).0,
-            tcp: Some(tcp),
-            task: None,
-        })
-    }
-
-    fn start(&mut self, connections: &TaskTracker) {
-        if let Some(tcp) = self.tcp.take() {
-            tracing::info!(listener = %self.name, addr = %self.addr, "listening");
-            self.task = Some(tokio::spawn(accept_loop(
-                self.name.clone(),
-                tcp,
-                self.ctx.clone(),
-                self.limit.clone(),
-                self.per_source.clone(),
-                self.stop.subscribe(),
-                connections.clone(),
-            )));
-        }
-    }
-
-    /// New context for new connections; the connection cap follows the new setting
-    /// (lowering it takes effect as connections close).
-    fn update(&mut self, l: &ListenerConfig, ctx: Arc<ListenerCtx>) {
-        self.name = l.name.clone();
-        self.ctx.store(ctx);
-        if l.max_connections > self.max {
-            self.limit.add_permits(l.max_connections - self.max);
-        } else {
-            self.limit.forget_permits(self.max - l.max_connections);
-        }
-        self.max = l.max_connections;
-        self.per_source.set_limit(l.max_connections_per_source);
-    }
-
-    async fn stop(&mut self) {
-        let _ = self.stop.send(true);
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
-    }
-}
-
-fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    socket.set_reuseaddr(true)?;
-    socket.set_nodelay(true)?;
-    socket.bind(addr)?;
-    socket.listen(4096)
-}
-
-async fn accept_loop(
-    name: String,
-    tcp: TcpListener,
-    ctx: Arc<ArcSwap<ListenerCtx>>,
-    limit: Arc<Semaphore>,
-    per_source: Arc<PerSource>,
-    mut stop: watch::Receiver<bool>,
-    connections: TaskTracker,
-) {
-    let mut warned_full = false;
-    loop {
-        // Backpressure: at the connection cap, stop accepting until one closes.
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = crate::conn::stopped(&mut stop) => return,
-        };
-        if limit.available_permits() == 0 && !warned_full {
-            warned_full = true;
-            tracing::warn!(listener = %name, "connection cap reached; new connections wait");
-        }
-        let (stream, peer) = tokio::select! {
-            r = tcp.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!(listener = %name, "accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = crate::conn::stopped(&mut stop) => return,
-        };
-        // One address may not hold more than its share: the connection is closed at once
-        // (it never counts against the listener's cap).
-        let Some(source) = per_source.enter(peer.ip()) else {
-            if per_source.warn_once() {
-                tracing::warn!(listener = %name, source = %peer.ip(), "per-source connection cap reached; closing new connections from this address");
-            }
-            drop(stream);
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let ctx = ctx.clone();
-        let stop = stop.clone();
-        connections.spawn(async move {
-            crate::conn::serve(stream, peer, ctx, stop).await;
-            drop(source);
-            drop(permit);
-        });
-    }
-}
-
-/// Connections per source address of one listener, under `max_connections_per_source`.
-struct PerSource {
-    /// 0 = no cap (nothing is counted then).
-    limit: std::sync::atomic::AtomicUsize,
-    open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
-    warned: std::sync::atomic::AtomicBool,
-}
-
-impl PerSource {
-    fn new(limit: Option<usize>) -> Self {
-        PerSource {
-            limit: limit.unwrap_or(0).into(),
-            open: Default::default(),
-            warned: false.into(),
-        }
-    }
-
-    fn set_limit(&self, limit: Option<usize>) {
-        self.limit
-            .store(limit.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Counts a new connection from `ip`; `None` when that address is at the cap.
-    fn enter(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<SourceGuard> {
-        let limit = self.limit.load(std::sync::atomic::Ordering::Relaxed);
-        if limit == 0 {
-            return Some(SourceGuard(None));
-        }
-        let ip = ip.to_canonical();
-        let mut open = self.open.lock().ok()?;
-        let n = open.entry(ip).or_insert(0);
-        if *n >= limit {
-            return None;
-        }
-        *n += 1;
-        Some(SourceGuard(Some((self.clone(), ip))))
-    }
-
-    /// True the first time the cap is hit (one WARN line, not one per refused connection).
-    fn warn_once(&self) -> bool {
-        !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed)
-    }
-}
-
-/// Releases a connection's place in its source's count when the connection ends.
-struct SourceGuard(Option<(Arc<PerSource>, std::net::IpAddr)>);
-
-impl Drop for SourceGuard {
-    fn drop(&mut self) {
-        if let Some((ps, ip)) = self.0.take() {
-            if let Ok(mut open) = ps.open.lock() {
-                if let Some(n) = open.get_mut(&ip) {
-                    *n -= 1;
-                    if *n == 0 {
-                        open.remove(&ip);
-                    }
-                }
-            }
-        }
     }
 }
 

@@ -49,7 +49,7 @@ pub fn catch_hangup_early() {
 
 /// SIGHUP reloads the config (and no longer terminates the process, as it would by
 /// default). Runs until the server stops.
-pub async fn reload_on_hangup(reloader: crate::server::Reloader) {
+pub async fn reload_on_hangup(reloader: crate::reload::Reloader) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};

@@ -34,9 +34,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 
-/// Cloudflare's limit for a response head (and between bytes): keep-alives must be more
-/// frequent.
-pub const CLOUDFLARE_LIMIT: Duration = Duration::from_secs(100);
 /// Largest request body read to find `"stream": true`. Bodies with a larger (or no)
 /// `Content-Length` are relayed as usual, without keep-alives.
 pub const MAX_SNIFF_BODY: u64 = 8 * 1024 * 1024;

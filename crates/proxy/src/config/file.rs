@@ -224,7 +224,7 @@ pub struct AdminSection {
 pub struct PocSection {
     /// Empty means unset, so `"${POC_CALLBACK_URL:-}"` switches the rewrite off.
     pub callback_origin: Option<String>,
-    pub mode: Option<crate::poc::Mode>,
+    pub mode: Option<super::poc::Mode>,
     #[serde(default)]
     pub allowed_hosts: Vec<String>,
     pub paths: Option<Vec<String>>,
@@ -282,7 +282,7 @@ pub struct ListenerSection {
 pub struct ListenerTlsSection {
     pub cert: String,
     pub key: String,
-    pub client_auth: Option<crate::tls::ClientAuth>,
+    pub client_auth: Option<super::tls::ClientAuth>,
     #[serde(default)]
     pub client_ca: Vec<String>,
     #[serde(default)]

@@ -5,11 +5,15 @@
 
 pub mod env;
 pub mod file;
+pub mod longcall;
+pub mod poc;
+pub mod tls;
 mod validate;
+pub mod values;
 
 pub use validate::{parse_backend, REDACTED};
 
-use crate::poc::PocConfig;
+use poc::PocConfig;
 use serde::Serialize;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -164,7 +168,7 @@ pub struct ListenerConfig {
     pub send_timeout: Duration,
     pub routes: Vec<RouteConfig>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub tls: Option<crate::tls::ListenerTls>,
+    pub tls: Option<tls::ListenerTls>,
     #[serde(flatten)]
     pub gate: GateConfig,
 }
@@ -210,9 +214,9 @@ pub struct RouteConfig {
     /// 422, and the DAPI sends its JSON POSTs without the header.
     pub json_content_type: bool,
     /// `POST /api/v1/inference/up` carried out as `up/async` + `up/status` polls.
-    pub inference_up: crate::longcall::InferenceUpMode,
+    pub inference_up: longcall::InferenceUpMode,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub inference_up_async: Option<crate::longcall::LongCallConfig>,
+    pub inference_up_async: Option<longcall::LongCallConfig>,
     /// SSE keep-alive interval before the first token of streaming requests.
     #[serde(
         with = "humantime_serde",
@@ -222,7 +226,7 @@ pub struct RouteConfig {
     pub sse_keepalive: Option<Duration>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct UpstreamConfig {
     /// The table key; printed as `[upstreams.<name>]`.
     #[serde(skip)]
@@ -253,13 +257,13 @@ pub struct UpstreamConfig {
     pub stuck_after: u32,
     pub health: HealthConfig,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub tls: Option<crate::tls::UpstreamTls>,
+    pub tls: Option<tls::UpstreamTls>,
     pub balance: BalanceConfig,
 }
 
 /// LLM-aware balancing of one upstream (docs/balancing.md). Both halves are off by
 /// default; then the choice is plain least outstanding requests.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BalanceConfig {
     /// Scrape each backend's vLLM `/metrics` and balance on its queue and KV pressure.
     pub signals: bool,
@@ -301,7 +305,7 @@ impl Default for BalanceConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HealthConfig {
     pub enabled: bool,
     pub path: String,
@@ -374,6 +378,18 @@ pub mod defaults {
     /// Upper bound on `affinity_prefix_bytes`: the prefix is held in memory per request.
     pub const MAX_AFFINITY_PREFIX_BYTES: usize = 1024 * 1024;
     pub const AFFINITY_MARGIN: f64 = 4.0;
+
+    // Fixed limits: not config keys, kept here beside the defaults they bound.
+
+    /// HTTP/2 streams per client connection; a DAPI multiplexing one connection must not be
+    /// capped below what a node registers (`max_concurrent: 500`).
+    pub const H2_MAX_STREAMS: u32 = 1024;
+
+    /// hyper's per-connection buffer cap (read buffer, and the write queue towards the client).
+    /// It bounds what a client that stops reading can make podproxy hold: hyper's default
+    /// (~400 KiB, on this side and on the upstream side) cost ~1.2 MiB of RSS per stalled
+    /// reader; 64 KiB costs ~0.24 MiB. It also caps a request head at 64 KiB (nginx: 32 KiB).
+    pub const MAX_BUF_SIZE: usize = 64 * 1024;
 }
 
 impl Config {

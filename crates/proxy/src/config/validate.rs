@@ -4,11 +4,11 @@
 //! Certificates, keys and token files are loaded here too, so `podproxy check` catches what
 //! would otherwise fail at the first handshake.
 
+use super::poc::{self, PocConfig};
 use super::{
     defaults, file, AdminConfig, BackendAddr, BalanceConfig, Config, GateConfig, HealthConfig,
     ListenerConfig, LogFormat, Problem, RouteConfig, ServerConfig, UpstreamConfig,
 };
-use crate::poc::{self, PocConfig};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -249,14 +249,14 @@ fn route(
         );
         ok = false;
     }
-    if ok && crate::route::version_segment_len(&r.prefix).is_some() && !r.strip_prefix {
+    if ok && super::values::version_segment_len(&r.prefix).is_some() && !r.strip_prefix {
         f.warn(format!(
             "{key}: prefix {:?} is a version segment but strip_prefix is false: the mlnode gets \
              {}api/v1/... and answers 404; side-by-side versions need strip_prefix = true",
             r.prefix, r.prefix
         ));
     }
-    let (inference_up, inference_up_async, sse_keepalive) = match crate::longcall::validate_route(
+    let (inference_up, inference_up_async, sse_keepalive) = match super::longcall::validate_route(
         key,
         r.inference_up.as_deref(),
         r.inference_up_async,
@@ -284,8 +284,8 @@ fn listener_tls(
     key: &str,
     t: file::ListenerTlsSection,
     f: &mut Findings,
-) -> Option<crate::tls::ListenerTls> {
-    use crate::tls::ClientAuth;
+) -> Option<super::tls::ListenerTls> {
+    use super::tls::ClientAuth;
     // Pins or CAs without a mode mean that mode; lists that the mode would ignore are an
     // error, never a listener silently open to anonymous clients.
     let client_auth = match (
@@ -335,7 +335,7 @@ fn listener_tls(
         }
         _ => {}
     }
-    let tls = crate::tls::ListenerTls {
+    let tls = super::tls::ListenerTls {
         cert: t.cert,
         key: t.key,
         client_auth,
@@ -344,7 +344,7 @@ fn listener_tls(
     };
     // Build it once now: missing files, expired certificates and keys that do not fit
     // their certificate are config errors, reported before anything listens.
-    f.ok(format!("{key}.tls"), crate::tls::server_config(&tls))?;
+    f.ok(format!("{key}.tls"), super::tls::server_config(&tls))?;
     Some(tls)
 }
 
@@ -374,7 +374,7 @@ fn gate(key: &str, g: GateInput, f: &mut Findings) -> Option<GateConfig> {
         }
     }
     if let Some(path) = &g.token_file {
-        match crate::gate::read_token_file(path) {
+        match super::values::read_token_file(path) {
             Err(reason) => f.add(format!("{key}.token_file"), reason),
             Ok(loaded) if loaded.is_empty() => f.add(
                 format!("{key}.token_file"),
@@ -401,7 +401,7 @@ fn gate(key: &str, g: GateInput, f: &mut Findings) -> Option<GateConfig> {
     for (i, text) in g.allow_ips.items().iter().enumerate() {
         if let Some(net) = f.ok(
             format!("{key}.allow_ips[{i}]"),
-            crate::gate::parse_net(text),
+            super::values::parse_net(text),
         ) {
             nets.push(net);
         }
@@ -475,7 +475,7 @@ fn open_gate_warning(l: &ListenerConfig, f: &mut Findings) {
     let client_auth = l
         .tls
         .as_ref()
-        .is_some_and(|t| t.client_auth != crate::tls::ClientAuth::None);
+        .is_some_and(|t| t.client_auth != super::tls::ClientAuth::None);
     let gated = client_auth
         || !l.gate.tokens.is_empty()
         || l.gate.token_file.is_some()
@@ -646,15 +646,15 @@ fn upstream_tls(
     t: file::UpstreamTlsSection,
     backends: &[BackendAddr],
     f: &mut Findings,
-) -> Option<crate::tls::UpstreamTls> {
-    let tls = crate::tls::UpstreamTls {
+) -> Option<super::tls::UpstreamTls> {
+    let tls = super::tls::UpstreamTls {
         ca: t.ca,
         pins: t.pins,
         client_cert: t.client_cert,
         client_key: t.client_key,
         server_name: t.server_name,
     };
-    f.ok(format!("{key}.tls"), crate::tls::client_config(&tls))?;
+    f.ok(format!("{key}.tls"), super::tls::client_config(&tls))?;
     if let Some(name) = &tls.server_name {
         let parsed = rustls::pki_types::ServerName::try_from(name.as_str())
             .map(|_| ())

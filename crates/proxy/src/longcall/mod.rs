@@ -52,10 +52,9 @@ const MAX_ANSWER: usize = 64 * 1024;
 /// Longest wait for one `up/async` or `up/status` answer: far below any 100 s limit.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-mod config;
 mod metrics;
 
-pub use config::{defaults, validate_route, InferenceUpMode, LongCallConfig};
+pub use crate::config::longcall::{defaults, InferenceUpMode, LongCallConfig};
 pub use metrics::{LongCallMetrics, OutcomeLabels, UpstreamLabel};
 
 /// The long-call settings when this request is the synchronous start call on a route in

@@ -1,4 +1,5 @@
 use super::*;
+use crate::config::poc::parse_origin;
 
 /// A v1 `InitDto` as the DAPI sends it (numbers that a re-serialiser would change).
 pub const V1_BODY: &str = r#"{"block_hash":"0x8f2c41aa","block_height":1284533,"public_key":"A1b2C3d4","batch_size":100,"r_target":1.4013564660458173,"fraud_threshold":1e-07,"params":{"dim":1792,"n_layers":64,"n_heads":64,"n_kv_heads":64,"vocab_size":8196,"ffn_dim_multiplier":10.0,"multiple_of":8192,"norm_eps":1e-05,"rope_theta":10000.0,"use_scaled_rope":false,"seq_len":256},"url":"http://api:9100/v1/poc-batches","node_id":3,"node_count":8}"#;

@@ -50,8 +50,9 @@ impl Upstream {
         http.set_connect_timeout(Some(cfg.connect_timeout));
         http.set_keepalive(Some(Duration::from_secs(60)));
         http.enforce_http(false);
-        let tls = crate::tls::client_config(cfg.tls.as_ref().unwrap_or(&Default::default()))
-            .map_err(|e| format!("upstream {}: {e}", cfg.name))?;
+        let tls =
+            crate::config::tls::client_config(cfg.tls.as_ref().unwrap_or(&Default::default()))
+                .map_err(|e| format!("upstream {}: {e}", cfg.name))?;
         let builder = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http();

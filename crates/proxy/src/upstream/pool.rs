@@ -124,8 +124,8 @@ impl Pool {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut h1 = http1::Builder::new();
-        // Bounds the response bytes read ahead of a slow client (see conn::MAX_BUF_SIZE).
-        h1.max_buf_size(crate::conn::MAX_BUF_SIZE);
+        // Bounds the response bytes read ahead of a slow client (see config::defaults::MAX_BUF_SIZE).
+        h1.max_buf_size(crate::config::defaults::MAX_BUF_SIZE);
         let pool = Arc::new(Pool {
             connector,
             idle: targets.iter().map(|_| Mutex::new(Vec::new())).collect(),

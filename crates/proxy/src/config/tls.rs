@@ -1,6 +1,8 @@
-//! rustls configurations: listener TLS (optionally verifying client certificates against a
-//! CA or against pinned certificates) and upstream TLS (bundled roots, a CA file, or pins;
-//! optionally a client certificate).
+//! TLS settings and the rustls configurations they make: listener TLS (optionally verifying
+//! client certificates against a CA or against pinned certificates) and upstream TLS
+//! (bundled roots, a CA file, or pins; optionally a client certificate). Validation builds
+//! them once, so a missing file, an expired certificate or a key that does not fit is a
+//! config error naming its key; the runtime builds them again from the same settings.
 //!
 //! Pinning exists for Gonka's mTLS certificates: self-signed, `CA:TRUE`, 100-year validity,
 //! each side trusting exactly the other's certificate. webpki refuses such a certificate as
@@ -317,7 +319,7 @@ pub fn server_config(t: &ListenerTls) -> Result<Arc<ServerConfig>, String> {
 }
 
 /// Upstream TLS settings.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct UpstreamTls {
     /// PEM file of CA certificates replacing the bundled roots.
     #[serde(skip_serializing_if = "Option::is_none")]

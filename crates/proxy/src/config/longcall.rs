@@ -1,7 +1,7 @@
 //! The long-call route keys: `inference_up`, `inference_up_async` and `sse_keepalive`,
 //! validated with their key paths.
 
-use crate::config::Problem;
+use super::Problem;
 use serde::Serialize;
 use std::time::Duration;
 
@@ -12,6 +12,9 @@ pub mod defaults {
     pub const BUDGET: Duration = Duration::from_secs(60 * 60);
     /// A RunPod pod restart or a short network cut must not fail the start at once.
     pub const UNREACHABLE_GRACE: Duration = Duration::from_secs(60);
+    /// Cloudflare's limit for a response head (and between bytes): `sse_keepalive` must
+    /// be shorter.
+    pub const CLOUDFLARE_LIMIT: Duration = Duration::from_secs(100);
 }
 
 /// How a route carries out `POST /api/v1/inference/up`.
@@ -52,7 +55,7 @@ fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Problem {
 pub fn validate_route(
     key: &str,
     mode: Option<&str>,
-    table: Option<crate::config::file::InferenceUpAsyncSection>,
+    table: Option<super::file::InferenceUpAsyncSection>,
     keepalive: Option<Duration>,
 ) -> Result<RouteSettings, Problem> {
     let mode = match mode {
@@ -125,7 +128,7 @@ pub fn validate_route(
                 "must be above zero (leave it out to switch keep-alives off)",
             ));
         }
-        if every >= crate::sse_keepalive::CLOUDFLARE_LIMIT {
+        if every >= defaults::CLOUDFLARE_LIMIT {
             return Err(invalid(
                 format!("{key}.sse_keepalive"),
                 format!(
