@@ -1,10 +1,12 @@
-//! One access-log line per request, written when the exchange is over: when the response
-//! body ended, failed, or was dropped because the client went away. Holding the backend's
-//! in-flight guard here ties the slot's lifetime to the response body, not to the handler.
+//! One access-log line and one set of metrics per request, written when the exchange is
+//! over: when the response body ended, failed, or was dropped because the client went away.
+//! The handler tells the `Exchange` what happened, one method per phase (`routed`,
+//! `attempt`, `first_byte`, `refused`, `responded`); it only logs and records. The
+//! backend's in-flight slot travels with the connection lease, not here.
 
 use crate::body::{BodyError, Meter};
+use crate::error::ProxyError;
 use crate::metrics::{ListenerSeries, SseScan, UpstreamSeries};
-use crate::upstream::backend::InFlight;
 use bytes::Bytes;
 use http::{HeaderValue, Method};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,31 +37,34 @@ impl Outcome {
     }
 }
 
+/// What the access log and the metrics need to know about one request, filled in phase by
+/// phase and written when it drops (with the response body).
 pub struct Exchange {
-    pub listener: Arc<str>,
-    pub method: Method,
+    listener: Arc<str>,
+    method: Method,
     /// The logged path; `None` when the access log is off (nothing to copy then).
-    pub path: Option<String>,
-    pub request_id: HeaderValue,
-    pub upstream: Option<Arc<str>>,
-    pub backend: Option<Arc<str>>,
-    pub status: u16,
-    pub started: Instant,
-    pub ttfb: Option<Duration>,
-    pub bytes_in: Arc<AtomicU64>,
-    pub bytes_out: u64,
-    pub error: Option<String>,
-    pub refused: bool,
-    pub outcome: Option<Outcome>,
-    pub slot: Option<InFlight>,
+    path: Option<String>,
+    request_id: HeaderValue,
+    upstream: Option<Arc<str>>,
+    /// The backend of the latest attempt.
+    backend: Option<Arc<str>>,
+    status: u16,
+    started: Instant,
+    ttfb: Option<Duration>,
+    /// Shared with the request body's meter (`CountIn`), which counts as bytes arrive.
+    bytes_in: Arc<AtomicU64>,
+    bytes_out: u64,
+    error: Option<String>,
+    refused: bool,
+    outcome: Option<Outcome>,
     /// Route prefix (a bounded metrics label), once routed.
-    pub route: Option<Arc<str>>,
+    route: Option<Arc<str>>,
     /// `kind` of podproxy's own error response when it is an upstream failure, for the
     /// upstream-error counter.
-    pub error_kind: Option<&'static str>,
-    pub series: Arc<ListenerSeries>,
+    error_kind: Option<&'static str>,
+    series: Arc<ListenerSeries>,
     /// The upstream's series, once routed.
-    pub upstream_series: Option<Arc<UpstreamSeries>>,
+    upstream_series: Option<Arc<UpstreamSeries>>,
     sse: Option<SseState>,
 }
 
@@ -95,13 +100,72 @@ impl Exchange {
             error: None,
             refused: false,
             outcome: None,
-            slot: None,
             route: None,
             error_kind: None,
             series,
             upstream_series: None,
             sse: None,
         }
+    }
+
+    /// A route matched: the request goes to `upstream`.
+    pub fn routed(
+        &mut self,
+        upstream: Arc<str>,
+        series: Option<Arc<UpstreamSeries>>,
+        route: Arc<str>,
+    ) {
+        self.upstream = Some(upstream);
+        self.upstream_series = series;
+        self.route = Some(route);
+    }
+
+    /// An attempt goes to `backend` (a retry replaces the previous one).
+    pub fn attempt(&mut self, backend: Arc<str>) {
+        self.backend = Some(backend);
+    }
+
+    /// The request body was read whole: `bytes` of it.
+    pub fn received(&self, bytes: u64) {
+        self.bytes_in.store(bytes, Ordering::Relaxed);
+    }
+
+    /// A meter for a streamed request body, counting into this exchange.
+    pub fn count_in(&self) -> CountIn {
+        CountIn(self.bytes_in.clone())
+    }
+
+    /// The response head is here (the upstream's, or podproxy's own answer to a long call).
+    pub fn first_byte(&mut self) {
+        self.ttfb = Some(self.started.elapsed());
+    }
+
+    /// podproxy answers with its own error response for `e`.
+    pub fn refused(&mut self, e: &ProxyError) {
+        self.error = Some(e.to_string());
+        self.error_kind = e.is_upstream_failure().then(|| e.kind());
+        self.refused = true;
+    }
+
+    /// The response head goes to the client with `status`.
+    pub fn responded(&mut self, status: u16) {
+        self.status = status;
+    }
+
+    pub fn request_id(&self) -> &HeaderValue {
+        &self.request_id
+    }
+
+    pub fn upstream(&self) -> Option<&str> {
+        self.upstream.as_deref()
+    }
+
+    pub fn upstream_series(&self) -> Option<&Arc<UpstreamSeries>> {
+        self.upstream_series.as_ref()
+    }
+
+    pub fn backend(&self) -> Option<&str> {
+        self.backend.as_deref()
     }
 
     /// The response is an SSE stream: count its events and gaps, and it is a stream in
@@ -216,8 +280,8 @@ impl Drop for Exchange {
     }
 }
 
-/// Counts request-body bytes into the exchange's shared counter.
-pub struct CountIn(pub Arc<AtomicU64>);
+/// Counts request-body bytes into the exchange's shared counter (`Exchange::count_in`).
+pub struct CountIn(Arc<AtomicU64>);
 
 impl Meter for CountIn {
     fn frame(&mut self, data: &Bytes) {

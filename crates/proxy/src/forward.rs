@@ -3,19 +3,19 @@
 //! relay response → (log and metrics, when the body is over). Errors from any step become
 //! one JSON response through `ProxyError::to_response`.
 
-use crate::access_log::{CountIn, Exchange};
+use crate::access_log::Exchange;
 use crate::body::{first_non_whitespace, Prefetched, Relay, Replayable};
 use crate::error::ProxyError;
 use crate::headers::{self, X_REQUEST_ID};
 use crate::metrics::ListenerSeries;
 use crate::route::split_query;
 use crate::runtime::ListenerCtx;
+use crate::upstream::Upstream;
 use bytes::Bytes;
 use http::{header, uri, HeaderValue, Method, Request, Response, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,20 +51,18 @@ pub async fn handle(
         request_id.clone(),
         ctx.series.clone(),
     );
-    if req.method() == Method::POST && req.uri().path().contains("/poc-batches/") {
+    if crate::poc::is_callback(req.method(), req.uri().path()) {
         ctx.series.callbacks_relayed().inc();
     }
     let mut resp = match forward(&ctx, &peer, req, &mut ex).await {
         Ok(resp) => resp,
         Err(e) => {
-            ex.error = Some(e.to_string());
-            ex.error_kind = e.is_upstream_failure().then(|| e.kind());
-            ex.refused = true;
+            ex.refused(&e);
             e.to_response()
         }
     };
     resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
-    ex.status = resp.status().as_u16();
+    ex.responded(resp.status().as_u16());
     resp.map(|body| body.with_meter(Box::new(ex)))
 }
 
@@ -81,11 +79,14 @@ async fn forward(
     // Route on the raw request-target: nothing decoded, nothing normalised.
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let matched = ctx.routes.resolve(target).ok_or(ProxyError::NoRoute)?;
-    let upstream = &ctx.upstreams[matched.route.upstream];
-    ex.upstream = Some(upstream.name.clone());
-    ex.upstream_series = ctx.upstream_series.get(matched.route.upstream).cloned();
-    ex.route = Some(matched.route.label.clone());
-    let poc_body = matched.route.poc
+    let route = matched.route;
+    let upstream = &ctx.upstreams[route.upstream];
+    ex.routed(
+        upstream.name.clone(),
+        ctx.upstream_series.get(route.upstream).cloned(),
+        route.label.clone(),
+    );
+    let poc_body = route.poc
         && ctx
             .poc
             .applies(req.method(), split_query(&matched.path_and_query).0);
@@ -96,17 +97,12 @@ async fn forward(
     ctx.gate
         .check_request(path_and_query.path(), &mut parts.headers)?;
     prepare_request_headers(&mut parts, peer, ctx.proto)?;
-    let idle = upstream.cfg.idle_timeout;
-    let mut prompt_key = None;
     // Only a route that asks for it, and only a request without any Content-Type: every
     // other request goes on without looking at its body.
-    let add_type =
-        matched.route.json_content_type && !parts.headers.contains_key(header::CONTENT_TYPE);
-    if let Some(cfg) = crate::longcall::applies(
-        matched.route.long_call,
-        &parts.method,
-        path_and_query.path(),
-    ) {
+    let add_type = route.json_content_type && !parts.headers.contains_key(header::CONTENT_TYPE);
+    if let Some(cfg) =
+        crate::longcall::applies(route.long_call, &parts.method, path_and_query.path())
+    {
         let call = crate::longcall::Call {
             upstream,
             cfg,
@@ -116,83 +112,27 @@ async fn forward(
         };
         return crate::longcall::inference_up(call, parts, body, ex).await;
     }
-    let sniff =
-        crate::sse_keepalive::candidate(matched.route.sse_keepalive, &parts.method, &parts.headers)
-            .filter(|_| !poc_body);
-    // Set once the body says `"stream": true`.
-    let mut keepalive = None;
-    let body = if poc_body {
-        let (bytes, received) = ctx
-            .poc
-            .guard_body(body, &mut parts.headers, idle, path_and_query.path())
-            .await?;
-        ex.bytes_in.store(received, Ordering::Relaxed);
-        if add_type {
-            json_content_type(
-                &mut parts.headers,
-                std::slice::from_ref(&bytes),
-                &ctx.series,
-            );
-        }
-        RequestBody::Full(bytes)
-    } else if body.is_end_stream() {
-        RequestBody::Full(Bytes::new())
-    } else if let Some(every) = sniff {
-        let bytes = crate::sse_keepalive::read_body(body, idle).await?;
-        ex.bytes_in.store(bytes.len() as u64, Ordering::Relaxed);
-        keepalive = crate::sse_keepalive::is_stream_request(&bytes).then_some(every);
-        if add_type {
-            json_content_type(
-                &mut parts.headers,
-                std::slice::from_ref(&bytes),
-                &ctx.series,
-            );
-        }
-        // Prefix affinity keys on the same bytes (docs/balancing.md).
-        if upstream.cfg.balance.affinity
-            && crate::upstream::affinity::may_have_prompt(&parts.method, &parts.headers)
-        {
-            let limit = upstream.cfg.balance.affinity_prefix_bytes;
-            prompt_key = crate::upstream::affinity::prompt_key(&bytes[..bytes.len().min(limit)]);
-        }
-        RequestBody::Full(bytes)
-    } else if upstream.cfg.balance.affinity
-        && crate::upstream::affinity::may_have_prompt(&parts.method, &parts.headers)
-    {
-        // Prefix affinity (docs/balancing.md): the prompt's opening picks the backend.
-        // The same read serves the Content-Type sniff.
-        let limit = upstream.cfg.balance.affinity_prefix_bytes;
-        let (mut pre, key) = crate::upstream::affinity::prefetch_key(body, limit, idle)
-            .await
-            .map_err(|e| ProxyError::RequestBody(e.to_string()))?;
-        prompt_key = key;
-        if add_type {
-            json_content_type(&mut parts.headers, pre.frames(), &ctx.series);
-        }
-        RequestBody::Stream(Replayable::prefetched(pre))
-    } else if add_type {
-        // The header must be in the head, and the head goes before any body byte: wait
-        // for the body's first non-blank byte (bounded). The DAPI writes a small body
-        // together with its head, so this costs no round trip in practice.
-        let mut pre = Prefetched::read(body, SNIFF_LIMIT, idle, |f| {
-            first_non_whitespace(f).is_some()
-        })
-        .await
-        .map_err(|e| ProxyError::RequestBody(e.to_string()))?;
-        json_content_type(&mut parts.headers, pre.frames(), &ctx.series);
-        RequestBody::Stream(Replayable::prefetched(pre))
-    } else {
-        RequestBody::Stream(Replayable::new(body))
+    let sse_keepalive = route.sse_keepalive.filter(|_| !poc_body);
+    let step = BodyStep {
+        ctx,
+        upstream,
+        poc_path: poc_body.then(|| path_and_query.path()),
+        add_type,
+        sse_keepalive,
     };
+    let Prepared {
+        body,
+        prompt_key,
+        keepalive,
+    } = step.run(&mut parts, body, ex).await?;
 
     // Pick → send; a connect failure (nothing sent, body untouched) moves on to another
     // backend. Once an attempt may have reached the upstream, nothing is retried.
+    let idle = upstream.cfg.idle_timeout;
     let mut tried: Vec<usize> = Vec::new();
     let (resp, lease) = loop {
         let (index, slot) = upstream.acquire_for(&tried, prompt_key).await?;
-        let backend = slot.backend().clone();
-        ex.backend = Some(backend.label.clone());
-        ex.slot = Some(slot);
+        ex.attempt(slot.backend().label.clone());
         let last_chance = tried.len() + 1 >= upstream.backends().len();
         let headers = if last_chance {
             std::mem::take(&mut parts.headers)
@@ -203,15 +143,12 @@ async fn forward(
         *attempt.method_mut() = parts.method.clone();
         *attempt.uri_mut() = Uri::from(path_and_query.clone());
         *attempt.headers_mut() = headers;
-        if upstream.cfg.rewrite_host {
-            if let Ok(host) = HeaderValue::from_str(backend.addr.authority.as_str()) {
-                attempt.headers_mut().insert(header::HOST, host);
-            }
-        }
         let sent = match keepalive {
             Some(every) => {
                 let counters = crate::sse_keepalive::Counters::new(ctx.series.metrics(), ex);
-                match crate::sse_keepalive::send(upstream, index, attempt, every, counters).await {
+                let sent =
+                    crate::sse_keepalive::send(upstream, index, slot, attempt, every, counters);
+                match sent.await {
                     crate::sse_keepalive::Sent::Head(r) => r,
                     crate::sse_keepalive::Sent::KeepAlive(resp) => {
                         ex.start_sse();
@@ -219,7 +156,7 @@ async fn forward(
                     }
                 }
             }
-            None => upstream.send(index, attempt).await,
+            None => upstream.send_holding(index, slot, attempt).await,
         };
         match sent {
             Ok(resp) => break resp,
@@ -230,7 +167,7 @@ async fn forward(
             Err(e) => return Err(e),
         }
     };
-    ex.ttfb = Some(ex.started.elapsed());
+    ex.first_byte();
 
     let (mut parts, body) = resp.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
@@ -248,6 +185,106 @@ async fn forward(
         parts,
         Relay::upstream(body, lease, idle),
     ))
+}
+
+/// What a request needs from its body before the first attempt, decided in `BodyStep::run`.
+struct BodyStep<'a> {
+    ctx: &'a ListenerCtx,
+    upstream: &'a Upstream,
+    /// The upstream path when the body goes through the PoC callback guard.
+    poc_path: Option<&'a str>,
+    /// `json_content_type` applies: the body decides whether the header is added.
+    add_type: bool,
+    /// The route's SSE keep-alive interval (never for a PoC body).
+    sse_keepalive: Option<Duration>,
+}
+
+/// The request body as the attempts will send it, and what reading it decided.
+struct Prepared {
+    body: RequestBody,
+    /// Prefix-affinity key of the prompt (docs/balancing.md), when read.
+    prompt_key: Option<u64>,
+    /// SSE keep-alive interval, set once the body says `"stream": true`.
+    keepalive: Option<Duration>,
+}
+
+impl BodyStep<'_> {
+    /// Reads as much of the body as the route's features need, and no more: a PoC body
+    /// whole (it is checked), a keep-alive candidate whole (bounded, its length known), an
+    /// affinity prefix, or up to the first non-blank byte for the Content-Type sniff. Any
+    /// other body streams untouched.
+    async fn run(
+        self,
+        parts: &mut http::request::Parts,
+        body: Incoming,
+        ex: &Exchange,
+    ) -> Result<Prepared, ProxyError> {
+        let idle = self.upstream.cfg.idle_timeout;
+        let balance = &self.upstream.cfg.balance;
+        let affinity = balance.affinity
+            && crate::upstream::affinity::may_have_prompt(&parts.method, &parts.headers);
+        let series = &self.ctx.series;
+        let mut prepared = Prepared {
+            body: RequestBody::Full(Bytes::new()),
+            prompt_key: None,
+            keepalive: None,
+        };
+        if let Some(path) = self.poc_path {
+            let (bytes, received) = self
+                .ctx
+                .poc
+                .guard_body(body, &mut parts.headers, idle, path)
+                .await?;
+            ex.received(received);
+            if self.add_type {
+                json_content_type(&mut parts.headers, std::slice::from_ref(&bytes), series);
+            }
+            prepared.body = RequestBody::Full(bytes);
+        } else if body.is_end_stream() {
+        } else if let Some(every) =
+            crate::sse_keepalive::candidate(self.sse_keepalive, &parts.method, &parts.headers)
+        {
+            let bytes = crate::sse_keepalive::read_body(body, idle).await?;
+            ex.received(bytes.len() as u64);
+            prepared.keepalive = crate::sse_keepalive::is_stream_request(&bytes).then_some(every);
+            if self.add_type {
+                json_content_type(&mut parts.headers, std::slice::from_ref(&bytes), series);
+            }
+            // Prefix affinity keys on the same bytes (docs/balancing.md).
+            if affinity {
+                let limit = balance.affinity_prefix_bytes;
+                prepared.prompt_key =
+                    crate::upstream::affinity::prompt_key(&bytes[..bytes.len().min(limit)]);
+            }
+            prepared.body = RequestBody::Full(bytes);
+        } else if affinity {
+            // Prefix affinity (docs/balancing.md): the prompt's opening picks the backend.
+            // The same read serves the Content-Type sniff.
+            let limit = balance.affinity_prefix_bytes;
+            let (mut pre, key) = crate::upstream::affinity::prefetch_key(body, limit, idle)
+                .await
+                .map_err(|e| ProxyError::RequestBody(e.to_string()))?;
+            prepared.prompt_key = key;
+            if self.add_type {
+                json_content_type(&mut parts.headers, pre.frames(), series);
+            }
+            prepared.body = RequestBody::Stream(Replayable::prefetched(pre));
+        } else if self.add_type {
+            // The header must be in the head, and the head goes before any body byte: wait
+            // for the body's first non-blank byte (bounded). The DAPI writes a small body
+            // together with its head, so this costs no round trip in practice.
+            let mut pre = Prefetched::read(body, SNIFF_LIMIT, idle, |f| {
+                first_non_whitespace(f).is_some()
+            })
+            .await
+            .map_err(|e| ProxyError::RequestBody(e.to_string()))?;
+            json_content_type(&mut parts.headers, pre.frames(), series);
+            prepared.body = RequestBody::Stream(Replayable::prefetched(pre));
+        } else {
+            prepared.body = RequestBody::Stream(Replayable::new(body));
+        }
+        Ok(prepared)
+    }
 }
 
 /// How far `json_content_type` reads into a body looking for its first non-blank byte.
@@ -281,9 +318,7 @@ impl RequestBody {
     fn for_attempt(&self, idle: Duration, ex: &Exchange) -> Relay {
         match self {
             RequestBody::Full(bytes) => Relay::full(bytes.clone()),
-            RequestBody::Stream(r) => r
-                .body(idle)
-                .with_meter(Box::new(CountIn(ex.bytes_in.clone()))),
+            RequestBody::Stream(r) => r.body(idle).with_meter(Box::new(ex.count_in())),
         }
     }
 

@@ -15,6 +15,11 @@ use prometheus_client::metrics::counter::Counter;
 use std::ops::Range;
 use std::time::Duration;
 
+/// Whether a request is a PoC batch callback (counted per listener, relayed untouched).
+pub fn is_callback(method: &Method, path: &str) -> bool {
+    method == Method::POST && path.contains("/poc-batches/")
+}
+
 /// Live PoC guard with its counters (shared with the metrics registry, so they survive
 /// a reload that replaces the guard).
 #[derive(Debug, Default)]

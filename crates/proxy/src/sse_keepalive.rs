@@ -18,6 +18,7 @@
 
 use crate::body::{BodyError, Relay};
 use crate::error::ProxyError;
+use crate::upstream::backend::InFlight;
 use crate::upstream::pool::Lease;
 use crate::upstream::Upstream;
 use bytes::{Bytes, BytesMut};
@@ -107,29 +108,30 @@ pub struct Counters {
 impl Counters {
     pub fn new(metrics: &crate::metrics::Metrics, ex: &crate::access_log::Exchange) -> Self {
         let label = crate::longcall::UpstreamLabel {
-            upstream: ex.upstream.as_deref().unwrap_or("-").to_string(),
+            upstream: ex.upstream().unwrap_or("-").to_string(),
         };
         let lc = &metrics.long_calls;
         Counters {
             streams: lc.keepalive_streams.get_or_create(&label).clone(),
             keepalives: lc.keepalives.get_or_create(&label).clone(),
-            ttfb: ex.upstream_series.as_ref().map(|s| s.ttfb().clone()),
+            ttfb: ex.upstream_series().map(|s| s.ttfb().clone()),
         }
     }
 }
 
-/// Sends `req` to backend `index`; when no head has come within `every`, answers with a
-/// keep-alive stream that carries the upstream request on.
+/// Sends `req` to backend `index` (holding `slot` there); when no head has come within
+/// `every`, answers with a keep-alive stream that carries the upstream request on.
 pub async fn send(
     upstream: &Arc<Upstream>,
     index: usize,
+    slot: InFlight,
     req: Request<Relay>,
     every: Duration,
     counters: Counters,
 ) -> Sent {
     let up = upstream.clone();
     let started = Instant::now();
-    let mut fut: SendFuture = Box::pin(async move { up.send(index, req).await });
+    let mut fut: SendFuture = Box::pin(async move { up.send_holding(index, slot, req).await });
     match tokio::time::timeout(every, &mut fut).await {
         Ok(r) => Sent::Head(r),
         Err(_) => {

@@ -35,7 +35,6 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -231,14 +230,15 @@ pub async fn inference_up(
             }
         })?
         .to_bytes();
-    ex.bytes_in.store(body.len() as u64, Ordering::Relaxed);
+    ex.received(body.len() as u64);
     if json_content_type {
         crate::forward::json_content_type(&mut parts.headers, std::slice::from_ref(&body), series);
     }
 
+    // The slot is held for the whole long call: by the synchronous fallback's lease, or by
+    // the task that follows the start.
     let (index, slot) = upstream.acquire(&[]).await?;
-    ex.backend = Some(slot.backend().label.clone());
-    ex.slot = Some(slot);
+    ex.attempt(slot.backend().label.clone());
     let lc = &metrics.long_calls;
     let name = upstream.name.to_string();
     LongCallMetrics::upstream(&lc.started, &name).inc();
@@ -277,8 +277,8 @@ pub async fn inference_up(
         let req = caller
             .request(Method::POST, &with_query(UP_PATH), body)
             .map_err(ProxyError::BadRequest)?;
-        let (resp, lease) = upstream.send(index, req).await?;
-        ex.ttfb = Some(ex.started.elapsed());
+        let (resp, lease) = upstream.send_holding(index, slot, req).await?;
+        ex.first_byte();
         let (mut parts, body) = resp.into_parts();
         crate::headers::remove_hop_by_hop(&mut parts.headers);
         parts.version = http::Version::HTTP_11;
@@ -298,7 +298,7 @@ pub async fn inference_up(
                 Outcome::Rejected
             },
         );
-        ex.ttfb = Some(ex.started.elapsed());
+        ex.first_byte();
         return Ok(answer_as_is(status, &headers, answer));
     }
     tracing::info!(
@@ -310,10 +310,11 @@ pub async fn inference_up(
     );
 
     let (tx, rx) = oneshot::channel();
-    let request_id = ex.request_id.to_str().unwrap_or("-").to_string();
+    let request_id = ex.request_id().to_str().unwrap_or("-").to_string();
     let polls = LongCallMetrics::upstream(&lc.polls, &name);
     let outcomes = lc.outcomes.clone();
     tokio::spawn(async move {
+        let _slot = slot;
         let (outcome, answer) = follow(&caller, cfg, polls, tx).await;
         outcomes
             .get_or_create(&OutcomeLabels {
@@ -337,10 +338,10 @@ pub async fn inference_up(
     });
     let answer = rx.await.map_err(|_| ProxyError::UpstreamBroken {
         upstream: name.clone(),
-        backend: ex.backend.as_deref().unwrap_or("-").to_string(),
+        backend: ex.backend().unwrap_or("-").to_string(),
         detail: "the long-call task ended without an answer".into(),
     })?;
-    ex.ttfb = Some(ex.started.elapsed());
+    ex.first_byte();
     match answer {
         Answer::Ok => Ok(json(StatusCode::OK, &serde_json::json!({"status": "OK"}))),
         Answer::Failed(detail) => Ok(json(

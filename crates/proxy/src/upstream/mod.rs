@@ -68,6 +68,7 @@ impl Upstream {
         let pool = Pool::new(
             connector,
             &cfg.backends,
+            cfg.rewrite_host,
             cfg.pool_idle_timeout,
             cfg.max_idle_per_backend,
         )
@@ -226,6 +227,19 @@ impl Upstream {
     /// Parked keepalive connections to backend `index` (same order as `backends()`).
     pub fn idle_connections_of(&self, index: usize) -> usize {
         self.pool.idle_count_of(index)
+    }
+
+    /// `send` for a request that holds `slot` on backend `index`: the lease keeps it until
+    /// the response body is over, and a failed attempt frees it at once.
+    pub async fn send_holding(
+        &self,
+        index: usize,
+        slot: InFlight,
+        req: Request<Relay>,
+    ) -> Result<(Response<Incoming>, Lease), ProxyError> {
+        let (resp, mut lease) = self.send(index, req).await?;
+        lease.hold(slot);
+        Ok((resp, lease))
     }
 
     /// Sends one attempt (origin-form URI) to backend `index` and waits for the response

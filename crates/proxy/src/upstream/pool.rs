@@ -11,6 +11,7 @@
 //! read at checkout, expired ones are swept, and a request that still loses the race with a
 //! close before any byte was sent is retried once on a fresh connection.
 
+use super::backend::InFlight;
 use crate::body::Relay;
 use crate::config::BackendAddr;
 use http::{header, HeaderValue, Request, Response, Uri};
@@ -93,6 +94,8 @@ pub struct Pool {
     /// `Host` per backend, for requests that come without one (HTTP/1.0 clients, health
     /// checks): the upstream hop is HTTP/1.1, which requires it.
     hosts: Vec<HeaderValue>,
+    /// `rewrite_host`: every request gets its backend's `Host`, not only one without.
+    rewrite_host: bool,
     idle: Vec<Mutex<Vec<Parked>>>,
     idle_timeout: Duration,
     max_idle: usize,
@@ -103,6 +106,7 @@ impl Pool {
     pub fn new(
         connector: HttpsConnector<HttpConnector>,
         backends: &[BackendAddr],
+        rewrite_host: bool,
         idle_timeout: Duration,
         max_idle: usize,
     ) -> Result<Arc<Self>, String> {
@@ -131,6 +135,7 @@ impl Pool {
             idle: targets.iter().map(|_| Mutex::new(Vec::new())).collect(),
             targets,
             hosts,
+            rewrite_host,
             idle_timeout,
             max_idle,
             h1,
@@ -144,14 +149,14 @@ impl Pool {
 
     /// Sends `req` (origin-form URI) to backend `backend` on a parked connection or a new
     /// one, driving the connection until the response head arrives. A request without
-    /// `Host` gets the backend's authority. The returned lease must travel with the
-    /// response body: it keeps the connection going.
+    /// `Host`, and with `rewrite_host` every request, gets the backend's authority. The
+    /// returned lease must travel with the response body: it keeps the connection going.
     pub async fn send(
         self: &Arc<Self>,
         backend: usize,
         mut req: Request<Relay>,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
-        if !req.headers().contains_key(header::HOST) {
+        if self.rewrite_host || !req.headers().contains_key(header::HOST) {
             if let Some(host) = self.hosts.get(backend) {
                 req.headers_mut().insert(header::HOST, host.clone());
             }
@@ -164,6 +169,7 @@ impl Pool {
             conn: Some(conn),
             pool: self.clone(),
             backend,
+            in_flight: None,
         };
         match lease.exchange(req).await {
             Ok(resp) => Ok((resp, lease)),
@@ -302,11 +308,13 @@ impl Failed {
 /// An upstream connection in use by one exchange. The response body polls it (`drive`) so
 /// the connection keeps reading; when the body has ended cleanly, `release` parks it for the
 /// next request. Dropped any other way, it closes the connection, which is how an abandoned
-/// request is cancelled upstream.
+/// request is cancelled upstream. It also carries the request's in-flight slot on the
+/// backend (`hold`), so a 5-minute stream counts against the backend for 5 minutes.
 pub struct Lease {
     conn: Option<Box<Conn>>,
     pool: Arc<Pool>,
     backend: usize,
+    in_flight: Option<InFlight>,
 }
 
 impl Lease {
@@ -355,8 +363,15 @@ impl Lease {
         }
     }
 
-    /// The response body ended cleanly: park the connection if it can take another request.
+    /// Keeps the request's in-flight slot until the response body is over.
+    pub fn hold(&mut self, slot: InFlight) {
+        self.in_flight = Some(slot);
+    }
+
+    /// The response body ended cleanly: the slot is free, and the connection is parked if
+    /// it can take another request.
     pub fn release(&mut self, cx: Option<&mut Context<'_>>) {
+        self.in_flight = None;
         let Some(mut conn) = self.conn.take() else {
             return;
         };
