@@ -1,10 +1,11 @@
-//! The stable, external config format (what operators write). Every section rejects unknown
-//! keys so a typo is an error, not a silently ignored setting. Validation into the internal
-//! form lives in `config::validate`.
+//! The stable, external config format (what operators write, and what `check` prints:
+//! `config::print` fills these sections from the internal form). Every section rejects
+//! unknown keys so a typo is an error, not a silently ignored setting. Validation into the
+//! internal form lives in `config::validate`.
 
 use super::validate::Findings;
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -206,7 +207,7 @@ fn friendly(key: &str, message: &str) -> String {
 }
 
 /// The admin listener (health, readiness, metrics, backends, config, reload).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminSection {
     pub bind: Option<String>,
@@ -214,12 +215,12 @@ pub struct AdminSection {
     pub token: Option<String>,
     /// A non-loopback `bind` without `token` is refused unless this is true (for a host
     /// that firewalls the port itself).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_unauthenticated: bool,
 }
 
 /// PoC callback guard (applies on routes with `poc = true`).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PocSection {
     /// Empty means unset, so `"${POC_CALLBACK_URL:-}"` switches the rewrite off.
@@ -231,7 +232,7 @@ pub struct PocSection {
     pub max_body_bytes: Option<u64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerSection {
     #[serde(default, with = "humantime_serde")]
@@ -241,66 +242,66 @@ pub struct ServerSection {
     pub worker_threads: Option<usize>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerSection {
     pub bind: String,
     #[serde(default)]
     pub strip_version_prefix: bool,
     pub max_connections: Option<usize>,
+    /// Per-source-address cap on concurrent connections; absent = none.
+    pub max_connections_per_source: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     pub header_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub send_timeout: Option<Duration>,
-    /// Per-source-address cap on concurrent connections; absent = none.
-    pub max_connections_per_source: Option<usize>,
     #[serde(default)]
     pub routes: Vec<RouteSection>,
     pub tls: Option<ListenerTlsSection>,
     /// Bearer tokens accepted on this listener (several for rotation). The string form
     /// carries zero or more comma-separated tokens, so one env var can switch them on.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "StringList::is_empty")]
     pub tokens: StringList,
     /// File with one token per line (blank lines and `#` comments ignored).
     pub token_file: Option<String>,
     /// Paths (after prefix stripping) that need no token, e.g. "/health".
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub token_exempt: Vec<String>,
     /// Source addresses allowed to connect (CIDR or single address); empty = any.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "StringList::is_empty")]
     pub allow_ips: StringList,
     /// Path prefixes refused with 403, e.g. "/api/v1/train/".
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "StringList::is_empty")]
     pub block_paths: StringList,
     /// `/api/v1/train/` is refused unless this is true (see `gate`).
     #[serde(default)]
     pub allow_training: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerTlsSection {
     pub cert: String,
     pub key: String,
     pub client_auth: Option<super::tls::ClientAuth>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub client_ca: Vec<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub client_pins: Vec<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamTlsSection {
     pub ca: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pins: Vec<String>,
     pub client_cert: Option<String>,
     pub client_key: Option<String>,
     pub server_name: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteSection {
     pub prefix: String,
@@ -321,7 +322,7 @@ pub struct RouteSection {
 }
 
 /// Settings of `inference_up = "async"` (all optional).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct InferenceUpAsyncSection {
     #[serde(default, with = "humantime_serde")]
@@ -332,7 +333,7 @@ pub struct InferenceUpAsyncSection {
     pub unreachable_grace: Option<Duration>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSection {
     pub urls: StringList,
@@ -362,7 +363,7 @@ pub struct UpstreamSection {
     pub balance: BalanceSection,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BalanceSection {
     pub signals: Option<bool>,
@@ -377,7 +378,7 @@ pub struct BalanceSection {
     pub affinity_margin: Option<f64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthSection {
     pub enabled: Option<bool>,
@@ -418,6 +419,19 @@ impl StringList {
     /// errors).
     pub fn raw(&self) -> &[String] {
         &self.items
+    }
+}
+
+impl From<Vec<String>> for StringList {
+    fn from(items: Vec<String>) -> Self {
+        StringList { items }
+    }
+}
+
+/// Printed as an array (the form that keeps every item as it is).
+impl Serialize for StringList {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(&self.items)
     }
 }
 

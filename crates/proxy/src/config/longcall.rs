@@ -2,7 +2,6 @@
 //! validated with their key paths.
 
 use super::Problem;
-use serde::Serialize;
 use std::time::Duration;
 
 pub mod defaults {
@@ -18,8 +17,7 @@ pub mod defaults {
 }
 
 /// How a route carries out `POST /api/v1/inference/up`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum InferenceUpMode {
     /// Forwarded as it is (the 100 s limit of a Cloudflare hop applies).
     #[default]
@@ -29,15 +27,12 @@ pub enum InferenceUpMode {
 }
 
 /// Settings of the long-call mode (validated).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LongCallConfig {
-    #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
     /// Longest the whole start may take before the DAPI gets 504.
-    #[serde(with = "humantime_serde")]
     pub budget: Duration,
     /// Longest the mlnode may go without answering a poll before the DAPI gets 502.
-    #[serde(with = "humantime_serde")]
     pub unreachable_grace: Duration,
 }
 

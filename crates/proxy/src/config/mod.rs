@@ -7,6 +7,7 @@ pub mod env;
 pub mod file;
 pub mod longcall;
 pub mod poc;
+mod print;
 pub mod tls;
 mod validate;
 pub mod values;
@@ -14,7 +15,6 @@ pub mod values;
 pub use validate::{parse_backend, REDACTED};
 
 use poc::PocConfig;
-use serde::Serialize;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -86,8 +86,7 @@ fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     }])
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
     Json,
@@ -104,105 +103,70 @@ impl LogFormat {
 }
 
 /// The validated config every other module runs on.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct Config {
     pub server: ServerConfig,
     pub listeners: Vec<ListenerConfig>,
     pub upstreams: Vec<UpstreamConfig>,
     pub poc: PocConfig,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub admin: Option<AdminConfig>,
     /// Things that work but deserve a look (an open gate, a short token): logged at start,
     /// printed by `check`.
-    #[serde(skip)]
     pub warnings: Vec<String>,
 }
 
 /// The admin listener. Its address is fixed at start (a reload does not move it).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct AdminConfig {
     pub bind: SocketAddr,
     /// Printed as `<redacted>`, which refuses to load: a saved `check` output never runs
     /// with a placeholder as its secret.
-    #[serde(serialize_with = "redact_opt", skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub allow_unauthenticated: bool,
 }
 
-fn redact_opt<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
-    match v {
-        Some(_) => s.serialize_str(REDACTED),
-        None => s.serialize_none(),
-    }
-}
-
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct ServerConfig {
-    #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
     /// Runtime worker threads (nginx's `worker_processes`); `None` = one per CPU of the
     /// machine it runs on (so `check` output copied to a bigger box still uses all of it).
     /// Read at start only.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub worker_threads: Option<usize>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct ListenerConfig {
     /// The table key; printed as `[listeners.<name>]`.
-    #[serde(skip)]
     pub name: String,
     pub bind: SocketAddr,
     pub strip_version_prefix: bool,
     pub max_connections: usize,
     /// Concurrent connections one source address may hold; `None` = no per-source cap.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections_per_source: Option<usize>,
-    #[serde(with = "humantime_serde")]
     pub header_timeout: Duration,
     /// How long a client may accept no bytes while podproxy has some for it.
-    #[serde(with = "humantime_serde")]
     pub send_timeout: Duration,
     pub routes: Vec<RouteConfig>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<tls::ListenerTls>,
-    #[serde(flatten)]
     pub gate: GateConfig,
 }
 
 /// The security gate of a listener (checked in `gate`).
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default)]
 pub struct GateConfig {
     /// Never printed: `podproxy check` shows `<redacted>`, which refuses to load.
-    #[serde(serialize_with = "redact_all", skip_serializing_if = "Vec::is_empty")]
     pub tokens: Vec<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub token_file: Option<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub token_exempt: Vec<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty", serialize_with = "display_all")]
     pub allow_ips: Vec<ipnet::IpNet>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub block_paths: Vec<String>,
     /// `false` (the default): `/api/v1/train/` is blocked (see `gate::TRAINING_PREFIX`).
     pub allow_training: bool,
 }
 
-fn redact_all<S: serde::Serializer>(v: &[String], s: S) -> Result<S::Ok, S::Error> {
-    s.collect_seq(v.iter().map(|_| REDACTED))
-}
-
-fn display_all<S: serde::Serializer, T: std::fmt::Display>(
-    v: &[T],
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    s.collect_seq(v.iter().map(|x| x.to_string()))
-}
-
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct RouteConfig {
     pub prefix: String,
     pub upstream: String,
@@ -215,62 +179,45 @@ pub struct RouteConfig {
     pub json_content_type: bool,
     /// `POST /api/v1/inference/up` carried out as `up/async` + `up/status` polls.
     pub inference_up: longcall::InferenceUpMode,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub inference_up_async: Option<longcall::LongCallConfig>,
     /// SSE keep-alive interval before the first token of streaming requests.
-    #[serde(
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none",
-        default
-    )]
     pub sse_keepalive: Option<Duration>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     /// The table key; printed as `[upstreams.<name>]`.
-    #[serde(skip)]
     pub name: String,
     /// Port ranges already expanded.
-    #[serde(rename = "urls")]
     pub backends: Vec<BackendAddr>,
     pub rewrite_host: bool,
-    #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
-    #[serde(with = "humantime_serde")]
     pub response_timeout: Duration,
-    #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
-    #[serde(with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
     pub max_idle_per_backend: usize,
     /// Per-backend cap on in-flight requests; `None` = unlimited.
     pub max_concurrent: Option<usize>,
     /// Requests that may wait for a free slot when every backend is at its cap.
     pub queue_size: usize,
-    #[serde(with = "humantime_serde")]
     pub queue_timeout: Duration,
     /// Stuck-engine guard: response head deadline that, missed `stuck_after` times in a
     /// row, ejects the backend (vLLM's /health can say 200 while the engine hangs).
-    #[serde(with = "humantime_serde")]
     pub first_byte_timeout: Option<Duration>,
     pub stuck_after: u32,
     pub health: HealthConfig,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<tls::UpstreamTls>,
     pub balance: BalanceConfig,
 }
 
 /// LLM-aware balancing of one upstream (docs/balancing.md). Both halves are off by
 /// default; then the choice is plain least outstanding requests.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BalanceConfig {
     /// Scrape each backend's vLLM `/metrics` and balance on its queue and KV pressure.
     pub signals: bool,
     pub metrics_path: String,
-    #[serde(with = "humantime_serde")]
     pub scrape_interval: Duration,
-    #[serde(with = "humantime_serde")]
     pub scrape_timeout: Duration,
     /// A larger `/metrics` answer is a scrape error.
     pub max_scrape_bytes: usize,
@@ -305,13 +252,11 @@ impl Default for BalanceConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthConfig {
     pub enabled: bool,
     pub path: String,
-    #[serde(with = "humantime_serde")]
     pub interval: Duration,
-    #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     /// Consecutive failures that take a backend down.
     pub failures: u32,
@@ -320,17 +265,10 @@ pub struct HealthConfig {
 }
 
 /// One backend origin (`http://host:port`), kept as text for logs and as parts for requests.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(into = "String")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendAddr {
     pub scheme: http::uri::Scheme,
     pub authority: http::uri::Authority,
-}
-
-impl From<BackendAddr> for String {
-    fn from(b: BackendAddr) -> String {
-        b.to_string()
-    }
 }
 
 impl std::fmt::Display for BackendAddr {
@@ -461,50 +399,6 @@ impl Config {
 
     pub fn upstream_index(&self, name: &str) -> Option<usize> {
         self.upstreams.iter().position(|u| u.name == name)
-    }
-
-    /// The effective config (every default filled in) in the file format, for
-    /// `podproxy check`: it can be saved and loaded again as it is.
-    pub fn to_toml(&self) -> String {
-        #[derive(Serialize)]
-        struct View<'a> {
-            server: &'a ServerConfig,
-            listeners: std::collections::BTreeMap<&'a str, &'a ListenerConfig>,
-            upstreams: std::collections::BTreeMap<&'a str, &'a UpstreamConfig>,
-            poc: &'a PocConfig,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            admin: Option<&'a AdminConfig>,
-        }
-        let view = View {
-            server: &self.server,
-            listeners: self
-                .listeners
-                .iter()
-                .map(|l| (l.name.as_str(), l))
-                .collect(),
-            upstreams: self
-                .upstreams
-                .iter()
-                .map(|u| (u.name.as_str(), u))
-                .collect(),
-            poc: &self.poc,
-            admin: self.admin.as_ref(),
-        };
-        let text = toml::to_string_pretty(&view)
-            .unwrap_or_else(|e| format!("# cannot print config: {e}\n"));
-        if self.server.worker_threads.is_some() {
-            return text;
-        }
-        // A default derived from this machine is a comment, not a setting: the file may be
-        // copied to a box with more cores.
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        text.replacen(
-            "[server]\n",
-            &format!(
-                "[server]\n# worker_threads: one per CPU ({cpus} on this machine) when not set\n"
-            ),
-            1,
-        )
     }
 }
 

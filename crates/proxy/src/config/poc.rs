@@ -1,8 +1,6 @@
 //! `[poc]`: the callback guard's validated settings and the origin syntax they accept
 //! (the guard itself is `crate::poc`).
 
-use serde::Serialize;
-
 /// The PoC endpoints whose bodies carry a callback `url`. PoC v2 first: it runs inside
 /// vLLM and is what the DAPI uses today (it dropped the v1 callback routes in v0.2.12);
 /// v1 stays for older nodes (`/pow/init` is the mlnode's plain init, same body type).
@@ -17,7 +15,7 @@ pub const DEFAULT_PATHS: [&str; 5] = [
 /// Retried PoC batches reach tens of MB; the bound only stops a body from eating memory.
 pub const DEFAULT_MAX_BODY: u64 = 64 * 1024 * 1024;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Point a foreign callback at the configured origin.
@@ -27,7 +25,7 @@ pub enum Mode {
 }
 
 /// Validated `[poc]` settings.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct PocConfig {
     /// `scheme://host[:port]` of the Network Node callback server (or the local relay).
     pub callback_origin: Option<String>,

@@ -273,14 +273,12 @@ pub enum ClientAuth {
 }
 
 /// Listener TLS settings (validated paths and mode).
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone)]
 pub struct ListenerTls {
     pub cert: String,
     pub key: String,
     pub client_auth: ClientAuth,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub client_ca: Vec<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub client_pins: Vec<String>,
 }
 
@@ -319,20 +317,15 @@ pub fn server_config(t: &ListenerTls) -> Result<Arc<ServerConfig>, String> {
 }
 
 /// Upstream TLS settings.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UpstreamTls {
     /// PEM file of CA certificates replacing the bundled roots.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub ca: Option<String>,
     /// Pinned server certificates (files or hashes, see `Pins::load`); replaces CA checks.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pins: Vec<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub client_cert: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub client_key: Option<String>,
     /// SNI / verification name when it differs from the URL's host.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub server_name: Option<String>,
 }
 
