@@ -7,7 +7,6 @@ use crate::access_log::Exchange;
 use crate::body::{first_non_whitespace, Prefetched, Relay, Replayable};
 use crate::error::ProxyError;
 use crate::headers::{self, X_REQUEST_ID};
-use crate::metrics::ListenerSeries;
 use crate::route::split_query;
 use crate::runtime::ListenerCtx;
 use crate::upstream::Upstream;
@@ -237,7 +236,11 @@ impl BodyStep<'_> {
                 .await?;
             ex.received(received);
             if self.add_type {
-                json_content_type(&mut parts.headers, std::slice::from_ref(&bytes), series);
+                headers::json_content_type(
+                    &mut parts.headers,
+                    std::slice::from_ref(&bytes),
+                    series.content_type_added(),
+                );
             }
             prepared.body = RequestBody::Full(bytes);
         } else if body.is_end_stream() {
@@ -248,7 +251,11 @@ impl BodyStep<'_> {
             ex.received(bytes.len() as u64);
             prepared.keepalive = crate::sse_keepalive::is_stream_request(&bytes).then_some(every);
             if self.add_type {
-                json_content_type(&mut parts.headers, std::slice::from_ref(&bytes), series);
+                headers::json_content_type(
+                    &mut parts.headers,
+                    std::slice::from_ref(&bytes),
+                    series.content_type_added(),
+                );
             }
             // Prefix affinity keys on the same bytes (docs/balancing.md).
             if affinity {
@@ -266,7 +273,11 @@ impl BodyStep<'_> {
                 .map_err(|e| ProxyError::RequestBody(e.to_string()))?;
             prepared.prompt_key = key;
             if self.add_type {
-                json_content_type(&mut parts.headers, pre.frames(), series);
+                headers::json_content_type(
+                    &mut parts.headers,
+                    pre.frames(),
+                    series.content_type_added(),
+                );
             }
             prepared.body = RequestBody::Stream(Replayable::prefetched(pre));
         } else if self.add_type {
@@ -278,7 +289,11 @@ impl BodyStep<'_> {
             })
             .await
             .map_err(|e| ProxyError::RequestBody(e.to_string()))?;
-            json_content_type(&mut parts.headers, pre.frames(), series);
+            headers::json_content_type(
+                &mut parts.headers,
+                pre.frames(),
+                series.content_type_added(),
+            );
             prepared.body = RequestBody::Stream(Replayable::prefetched(pre));
         } else {
             prepared.body = RequestBody::Stream(Replayable::new(body));
@@ -289,22 +304,6 @@ impl BodyStep<'_> {
 
 /// How far `json_content_type` reads into a body looking for its first non-blank byte.
 const SNIFF_LIMIT: usize = 4096;
-
-/// Adds `Content-Type: application/json` when the body starts like JSON (`{` or `[` after
-/// blanks), and counts it.
-pub(crate) fn json_content_type(
-    headers: &mut http::HeaderMap,
-    frames: &[Bytes],
-    series: &ListenerSeries,
-) {
-    if matches!(first_non_whitespace(frames), Some(b'{' | b'[')) {
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        series.content_type_added().inc();
-    }
-}
 
 /// The request body as the attempts see it.
 enum RequestBody {

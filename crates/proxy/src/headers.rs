@@ -1,6 +1,9 @@
 //! Header rules of a hop: hop-by-hop removal, forwarding headers, request id.
 
+use crate::body::first_non_whitespace;
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use prometheus_client::metrics::counter::Counter;
 use std::net::IpAddr;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -87,6 +90,18 @@ pub fn request_id(headers: &mut HeaderMap) -> HeaderValue {
     let v = HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("-"));
     headers.insert(X_REQUEST_ID.clone(), v.clone());
     v
+}
+
+/// Adds `Content-Type: application/json` when the body starts like JSON (`{` or `[` after
+/// blanks), and counts it in `added` (`json_content_type` routes).
+pub fn json_content_type(headers: &mut HeaderMap, frames: &[Bytes], added: &Counter) {
+    if matches!(first_non_whitespace(frames), Some(b'{' | b'[')) {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        added.inc();
+    }
 }
 
 #[cfg(test)]

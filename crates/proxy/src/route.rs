@@ -18,7 +18,7 @@ pub struct Route {
     /// listener it is matched before the strip, so side-by-side mlnode versions work.
     pub versioned: bool,
     /// Long-call mode for `inference/up` (`longcall`), when on.
-    pub long_call: Option<crate::longcall::LongCallConfig>,
+    pub long_call: Option<crate::config::longcall::LongCallConfig>,
     /// SSE keep-alive interval (`sse_keepalive`), when on.
     pub sse_keepalive: Option<std::time::Duration>,
     /// The prefix as a shared string: the route's metrics label.

@@ -107,7 +107,7 @@ pub struct Counters {
 
 impl Counters {
     pub fn new(metrics: &crate::metrics::Metrics, ex: &crate::access_log::Exchange) -> Self {
-        let label = crate::longcall::UpstreamLabel {
+        let label = crate::metrics::long_calls::UpstreamLabel {
             upstream: ex.upstream().unwrap_or("-").to_string(),
         };
         let lc = &metrics.long_calls;

@@ -51,10 +51,8 @@ const MAX_ANSWER: usize = 64 * 1024;
 /// Longest wait for one `up/async` or `up/status` answer: far below any 100 s limit.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-mod metrics;
-
 pub use crate::config::longcall::{defaults, InferenceUpMode, LongCallConfig};
-pub use metrics::{LongCallMetrics, OutcomeLabels, UpstreamLabel};
+pub use crate::metrics::long_calls::{LongCallMetrics, OutcomeLabels, UpstreamLabel};
 
 /// The long-call settings when this request is the synchronous start call on a route in
 /// long-call mode. `path` is the upstream path (prefixes already stripped), no query.
@@ -232,7 +230,11 @@ pub async fn inference_up(
         .to_bytes();
     ex.received(body.len() as u64);
     if json_content_type {
-        crate::forward::json_content_type(&mut parts.headers, std::slice::from_ref(&body), series);
+        crate::headers::json_content_type(
+            &mut parts.headers,
+            std::slice::from_ref(&body),
+            series.content_type_added(),
+        );
     }
 
     // The slot is held for the whole long call: by the synchronous fallback's lease, or by
@@ -258,7 +260,7 @@ pub async fn inference_up(
             Started::Answer(r) => r,
             Started::Running => (StatusCode::OK, HeaderMap::new(), Bytes::new()),
             Started::Failed(detail) => {
-                lc.outcome(&name, Outcome::Error);
+                lc.outcome(&name, Outcome::Error.label());
                 return Err(ProxyError::UpstreamBroken {
                     upstream: name,
                     backend: caller.backend_label(),
@@ -273,7 +275,7 @@ pub async fn inference_up(
             "the mlnode has no {ASYNC_PATH} (404): forwarding the synchronous {UP_PATH}, \
              which a hop with a 100 s limit (RunPod's HTTP proxy) will cut"
         );
-        lc.outcome(&name, Outcome::FallbackSync);
+        lc.outcome(&name, Outcome::FallbackSync.label());
         let req = caller
             .request(Method::POST, &with_query(UP_PATH), body)
             .map_err(ProxyError::BadRequest)?;
@@ -296,7 +298,8 @@ pub async fn inference_up(
                 Outcome::Conflict
             } else {
                 Outcome::Rejected
-            },
+            }
+            .label(),
         );
         ex.first_byte();
         return Ok(answer_as_is(status, &headers, answer));

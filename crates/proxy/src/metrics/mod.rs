@@ -2,6 +2,8 @@
 //! counters survive config reloads. Labels stay bounded: listener, route prefix, upstream
 //! and backend names come from the config, status is a class; never raw paths or ids.
 
+pub mod long_calls;
+
 use crate::upstream::Upstream;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -107,7 +109,7 @@ pub struct Metrics {
     log_dropped: Counter,
     pub reloads: Family<ResultLabel, Counter>,
     /// Long-call mode and SSE keep-alive (`longcall`, `sse_keepalive`).
-    pub long_calls: crate::longcall::LongCallMetrics,
+    pub long_calls: long_calls::LongCallMetrics,
 }
 
 impl Default for Metrics {

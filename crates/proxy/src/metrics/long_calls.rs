@@ -56,16 +56,17 @@ impl LongCallMetrics {
         );
     }
 
-    pub(super) fn outcome(&self, upstream: &str, outcome: super::Outcome) {
+    /// Counts one long call of `upstream` that ended with `outcome` (a bounded label).
+    pub fn outcome(&self, upstream: &str, outcome: &'static str) {
         self.outcomes
             .get_or_create(&OutcomeLabels {
                 upstream: upstream.to_string(),
-                outcome: outcome.label().to_string(),
+                outcome: outcome.to_string(),
             })
             .inc();
     }
 
-    pub(super) fn upstream(family: &Family<UpstreamLabel, Counter>, upstream: &str) -> Counter {
+    pub fn upstream(family: &Family<UpstreamLabel, Counter>, upstream: &str) -> Counter {
         family
             .get_or_create(&UpstreamLabel {
                 upstream: upstream.to_string(),
