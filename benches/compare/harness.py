@@ -718,20 +718,21 @@ def table(S, ratios, chk, res):
             row = [ok(s, k[1:]) if k.startswith("@") else fmt(s.get(k), nd) for _, k, nd in cols]
             out.append(f"| {name} | " + " | ".join(row) + " |")
         out.append("")
-    out.append("Ratios (row / column target; for latency, RSS and CPU lower is better). podproxy runs at its "
-               "defaults (access log on) and is the row that counts; podproxy-logs-off rows are small requests only:")
-    out.append("")
     keys = ["rps", "p99_ms", "sse_p50_ms", "sse_p99_ms"]
     for n in sizes:
         keys += [f"burst{n}_ttft_p50_ms", f"burst{n}_ttft_p99_ms"]
     keys += ["idle_peak_rss_mb", "idle_cpu_us_per_token", "download_MBps", "upload_MBps", "large_peak_rss_mb", "cold_start_ms"]
     keys = [k for k in keys if any(k in r for r in ratios.values())]   # measured in this run
-    out.append("| ratio | " + " | ".join(keys) + " |")
-    out.append("|---" * (len(keys) + 1) + "|")
-    for rn, r in ratios.items():
-        if any(k in r for k in keys):
-            out.append(f"| {rn} | " + " | ".join(fmt(r.get(k), 2) for k in keys) + " |")
-    out.append("")
+    if keys:
+        out.append("Ratios (row / column target; for latency, RSS and CPU lower is better). podproxy runs at its "
+                   "defaults (access log on) and is the row that counts; podproxy-logs-off rows are small requests only:")
+        out.append("")
+        out.append("| ratio | " + " | ".join(keys) + " |")
+        out.append("|---" * (len(keys) + 1) + "|")
+        for rn, r in ratios.items():
+            if any(k in r for k in keys):
+                out.append(f"| {rn} | " + " | ".join(fmt(r.get(k), 2) for k in keys) + " |")
+        out.append("")
     out.append("Targets (podproxy at its defaults, access log on; \"the better peer\" is the better of "
                "nginx-tuned and haproxy in this run):")
     out.append("")
