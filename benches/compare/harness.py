@@ -4,8 +4,10 @@
 Called by benches/compare/run.sh (which checks prerequisites and builds). Every target is
 started fresh for every (workload, target) pair, on a free loopback port, with configs, pid
 files and logs in a temp dir; the peak RSS figures are VmHWM of that fresh process (summed
-over nginx master + workers). Everything is bounded in time; every process started here is
-killed on exit (also on SIGINT/SIGTERM).
+over nginx master + workers), CPU figures utime + stime from /proc/<pid>/stat (same sum).
+Every proxy writes an access log to a file, as a host runs it (see RESULTS.md). Everything
+is bounded in time; every process started here is killed on exit (also on SIGINT/SIGTERM).
+Exit status: 0, also when targets are missed, unless STRICT=1 (then 3 when one is missed).
 """
 import json, os, signal, socket, statistics, subprocess, sys, tempfile, time, shutil, re
 
@@ -15,9 +17,11 @@ OUT = os.path.join(ROOT, "benches", "compare")
 PODPROXY = os.environ["PODPROXY_BIN"]
 SIM = os.environ["SIM_BIN"]
 SSELOAD = os.environ["SSELOAD_BIN"]
-TARGETS = os.environ.get("TARGETS", "direct,podproxy,nginx-gonka,nginx-tuned,haproxy").split(",")
+STRICT = os.environ.get("STRICT", "") not in ("", "0")
+TARGETS = os.environ.get("TARGETS", "direct,podproxy,podproxy-logs-off,nginx-gonka,nginx-tuned,haproxy").split(",")
 # WORKLOADS=small,sse runs a subset (for optimisation loops; the README table is a full run)
-WORKLOADS = os.environ.get("WORKLOADS", "small,sse,idle,large").split(",")
+WORKLOADS = os.environ.get("WORKLOADS", "small,sse,burst,idle,large").split(",")
+PODPROXIES = ("podproxy", "podproxy-logs-off")
 
 SMALL_S = 3 if QUICK else 10
 SSE_ROUNDS = 1 if QUICK else 3
@@ -25,6 +29,16 @@ SSE_STREAMS, SSE_TOKENS, SSE_INTERVAL = 200, 64, 5
 IDLE_STREAMS, IDLE_INTERVAL = 2000, 500
 IDLE_TOKENS = 6 if QUICK else 40           # 3 s / 20 s per stream
 LARGE = (256 << 20) if QUICK else (1 << 30)
+# bursts: N new streams opened at once (sseload's barrier), 10 tokens @ 50 ms each; a fresh
+# target per size and round. QUICK keeps the sizes (a burst takes ~1 s) and runs one round.
+BURST_SIZES = [int(x) for x in os.environ.get("BURST_SIZES", "1000,2000").split(",")]
+BURST_TOKENS, BURST_INTERVAL = 10, 50
+BURST_ROUNDS = 1 if QUICK else 3
+LARGE_FLAT_MB = 32   # "large-body peak RSS flat": below this at 1 GiB (256 MiB in QUICK)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+# podproxy's log settings come from its config: the environment must not override them
+CHILD_ENV = {k: v for k, v in os.environ.items()
+             if k not in ("RUST_LOG", "PODPROXY_LOG_LEVEL", "PODPROXY_LOG_FORMAT", "NO_COLOR")}
 
 work = tempfile.mkdtemp(prefix="podproxy-compare-")
 children = []   # Popen objects, killed on exit
@@ -67,7 +81,7 @@ def free_port():
 
 def spawn(argv, name):
     f = open(os.path.join(work, name + ".log"), "ab")
-    p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=CHILD_ENV)
     children.append(p)
     return p
 
@@ -108,6 +122,21 @@ def status_kb(pid, key):
                 for line in f:
                     if line.startswith(key + ":"):
                         tot += int(line.split()[1])
+        except Exception:
+            pass
+    return tot
+
+
+def cpu_ticks(pid):
+    """utime + stime (clock ticks) of pid and its direct children; a process's stat counts
+    all its threads, live and exited."""
+    tot = 0
+    for q in proc_tree(pid):
+        try:
+            with open(f"/proc/{q}/stat") as f:
+                st = f.read()
+            fields = st[st.rfind(")") + 2:].split()
+            tot += int(fields[11]) + int(fields[12])   # fields 14, 15 of stat(5)
         except Exception:
             pass
     return tot
@@ -155,8 +184,11 @@ HDRS = """proxy_set_header Host $host;
 def nginx_conf(d, port, sim, tuned):
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi", "logs"):
         os.makedirs(os.path.join(d, sub), exist_ok=True)
+    # access log on, as hosts run nginx: stock (unbuffered, one write per request) for
+    # nginx-gonka, buffered as production configs do for nginx-tuned
+    alog = f"{d}/logs/access.log combined" + (" buffer=64k flush=1s" if tuned else "")
     common = f"""
-    access_log off;
+    access_log {alog};
     client_body_temp_path {d}/body;
     proxy_temp_path {d}/proxy;
     fastcgi_temp_path {d}/fastcgi;
@@ -221,13 +253,18 @@ http {{{common}
 
 
 def haproxy_conf(d, port, sim):
+    # Logs nothing without a log target. As haproxy's container setup does: the HTTP log
+    # format on stdout (one unbuffered writev per line), which the harness sends to a file.
     return f"""global
+    log stdout format raw local0 info
     maxconn 9000
     nbthread 2
     pidfile {d}/haproxy.pid
     tune.bufsize 16384
 defaults
     mode http
+    log global
+    option httplog
     option http-keep-alive
     option http-no-delay      # without it haproxy corks (MSG_MORE) and delivers SSE in bursts
     option forwardfor
@@ -249,12 +286,11 @@ backend echo
 """
 
 
-def podproxy_conf(port, sim):
-    # podproxy defaults, only ports and log level (access log lines are INFO; the other
-    # targets run with their access logs off too).
-    return f"""[server]
-log_level = "warn"
-[listeners.main]
+def podproxy_conf(port, sim, logs=True):
+    # podproxy defaults: only ports and upstreams (access log on: its lines are INFO, the
+    # default level). podproxy-logs-off adds log_level = "warn", which turns it off.
+    server = "" if logs else '[server]\nlog_level = "warn"\n'
+    return f"""{server}[listeners.main]
 bind = "127.0.0.1:{port}"
 routes = [{{ prefix = "/v1/", upstream = "vllm" }}, {{ prefix = "/", upstream = "echo" }}]
 [upstreams.echo]
@@ -265,9 +301,18 @@ urls = "http://127.0.0.1:{sim.vllm}"
 
 
 class Running:
-    def __init__(self, name, port, proc, cold_s, idle_kb, direct_ports=None):
+    def __init__(self, name, port, proc, cold_s, idle_kb, direct_ports=None, access_log=None):
         self.name, self.port, self.proc, self.cold_s, self.idle_kb = name, port, proc, cold_s, idle_kb
         self.direct_ports = direct_ports  # (vllm, echo) for "direct"
+        self.access_log = access_log      # the file its access log lines go to
+
+    def log_lines(self):
+        """Lines in the access-log file (podproxy and haproxy: their stderr/stdout file)."""
+        try:
+            with open(self.access_log, "rb") as f:
+                return sum(1 for _ in f)
+        except Exception:
+            return None
 
     def addr(self, kind):
         if self.direct_ports:
@@ -276,6 +321,9 @@ class Running:
 
     def hwm_kb(self):
         return None if self.proc is None else status_kb(self.proc.pid, "VmHWM")
+
+    def cpu_ticks(self):
+        return None if self.proc is None else cpu_ticks(self.proc.pid)
 
     def stop(self):
         if self.proc is not None:
@@ -292,9 +340,9 @@ def start_target(name, sim):
     d = os.path.join(work, f"{name}-{START_SEQ[0]}")
     os.makedirs(d)
     port = free_port()
-    if name == "podproxy":
+    if name in PODPROXIES:
         cfg = os.path.join(d, "podproxy.toml")
-        open(cfg, "w").write(podproxy_conf(port, sim))
+        open(cfg, "w").write(podproxy_conf(port, sim, logs=name == "podproxy"))
         argv = [PODPROXY, "--config", cfg]
     elif name in ("nginx-gonka", "nginx-tuned"):
         cfg = os.path.join(d, "nginx.conf")
@@ -328,7 +376,8 @@ def start_target(name, sim):
         stop(p)
         return None
     time.sleep(0.3)  # let workers settle before reading idle RSS
-    return Running(name, port, p, cold, status_kb(p.pid, "VmRSS"))
+    alog = os.path.join(d, "logs", "access.log") if name.startswith("nginx") else os.path.join(work, f"{name}-{START_SEQ[0]}.log")
+    return Running(name, port, p, cold, status_kb(p.pid, "VmRSS"), access_log=alog)
 
 
 def run(argv, timeout):
@@ -358,9 +407,11 @@ def w_small(t):
             return None
         v = float(m.group(1))
         return v / 1000 if m.group(2) == "us" else v * 1000 if m.group(2) == "s" else v
+    reqs = re.search(r"(\d+) requests in", out)
     errs = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sock = re.search(r"Socket errors: (.*)", out)
     return {"rps": float(rps.group(1)) if rps else None, "p50_ms": lat(50), "p99_ms": lat(99),
+            "requests": int(reqs.group(1)) if reqs else None,
             "non2xx": int(errs.group(1)) if errs else 0, "socket_errors": sock.group(1) if sock else None}
 
 
@@ -377,11 +428,29 @@ def w_sse(t):
     return sseload(t, SSE_STREAMS, SSE_TOKENS, SSE_INTERVAL, 30)
 
 
+def with_cpu(t, fn):
+    """fn()'s result plus the target's CPU (utime + stime) spent while it ran."""
+    c0 = t.cpu_ticks()
+    r = fn()
+    c1 = t.cpu_ticks()
+    if c0 is not None and c1 is not None:
+        r["cpu_ms"] = round((c1 - c0) * 1000 / CLK_TCK, 1)
+        if r.get("events"):
+            r["cpu_us_per_token"] = round((c1 - c0) * 1e6 / CLK_TCK / r["events"], 2)
+    return r
+
+
 def w_idle(t):
     dur = IDLE_TOKENS * IDLE_INTERVAL / 1000
-    r = sseload(t, IDLE_STREAMS, IDLE_TOKENS, IDLE_INTERVAL, int(dur + 25))
+    r = with_cpu(t, lambda: sseload(t, IDLE_STREAMS, IDLE_TOKENS, IDLE_INTERVAL, int(dur + 25)))
     r["peak_rss_kb"] = t.hwm_kb()
     return r
+
+
+def w_burst(t, n):
+    # n streams connect together (sseload's barrier); TTFT = request write -> first token
+    # event. The simulator sends the first token one interval (50 ms) after the request.
+    return with_cpu(t, lambda: sseload(t, n, BURST_TOKENS, BURST_INTERVAL, 30))
 
 
 def curl_speed(argv, timeout):
@@ -414,6 +483,7 @@ def main():
         "small": {"wrk_threads": 1, "connections": 64, "duration_s": SMALL_S, "response": "~29-byte JSON body"},
         "sse": {"streams": SSE_STREAMS, "tokens": SSE_TOKENS, "interval_ms": SSE_INTERVAL, "rounds": SSE_ROUNDS},
         "idle": {"streams": IDLE_STREAMS, "tokens": IDLE_TOKENS, "interval_ms": IDLE_INTERVAL},
+        "burst": {"sizes": BURST_SIZES, "tokens": BURST_TOKENS, "interval_ms": BURST_INTERVAL, "rounds": BURST_ROUNDS},
         "large": {"bytes": LARGE}},
         "per_target": {n: {"cold_start_ms": [], "idle_rss_kb": []} for n in TARGETS}}
     pt = res["per_target"]
@@ -437,6 +507,9 @@ def main():
                     t.stop()
                 if workload != "idle" and isinstance(v, dict) and "peak_rss_kb" not in v and t.proc is not None:
                     v["peak_rss_kb"] = v_hwm
+                if workload == "small" and isinstance(v, dict) and t.access_log:
+                    # proof the access log was on: lines written (after stop, so buffers are flushed)
+                    v["log_lines"] = t.log_lines()
                 log(f"   {json.dumps(v)[:400]}")
                 pt[name].setdefault(workload, []).append(v)
                 time.sleep(0.5)  # let TIME_WAIT / backend settle a little
@@ -445,12 +518,15 @@ def main():
         each("small", w_small)
     if "sse" in WORKLOADS:
         each("sse", w_sse, SSE_ROUNDS)
+    if "burst" in WORKLOADS:
+        for n in BURST_SIZES:
+            each(f"burst{n}", lambda t, n=n: w_burst(t, n), BURST_ROUNDS)
     if "idle" in WORKLOADS:
         each("idle", w_idle)
     if "large" in WORKLOADS:
         each("large", lambda t: w_large(t, upload_file))
     stop(sim.p)
-    summarize(res)
+    return summarize(res)
 
 
 def med(vals):
@@ -471,70 +547,135 @@ def summarize(res):
             "sse_p50_ms": med([x.get("lat_p50_us", 0) / 1000 for x in sse if "lat_p50_us" in x]),
             "sse_p99_ms": med([x.get("lat_p99_us", 0) / 1000 for x in sse if "lat_p99_us" in x]),
             "sse_max_ms": max([x["lat_max_us"] / 1000 for x in sse if "lat_max_us" in x] or [None]) if sse else None,
-            "sse_batched_reads": sum(x.get("multi_event_reads", 0) for x in sse),
-            "sse_max_events_per_read": max([x.get("max_events_per_read", 0) for x in sse] or [0]),
+            "sse_batched_reads": sum(x.get("multi_event_reads", 0) for x in sse) if sse else None,
+            "sse_max_events_per_read": max([x.get("max_events_per_read", 0) for x in sse] or [0]) if sse else None,
             "sse_ok_streams": sum(x.get("ok", 0) for x in sse),
             "sse_streams": sum(x.get("streams", 0) for x in sse),
+        }
+        for n in res["params"]["burst"]["sizes"]:
+            b = d.get(f"burst{n}") or []
+            # median over rounds of each round's percentile; only rounds where a token arrived
+            S[name][f"burst{n}_ttft_p50_ms"] = med([x["ttft_p50_us"] / 1000 for x in b if x.get("ttft_p50_us", -1) >= 0])
+            S[name][f"burst{n}_ttft_p99_ms"] = med([x["ttft_p99_us"] / 1000 for x in b if x.get("ttft_p99_us", -1) >= 0])
+            S[name][f"burst{n}_ok_streams"] = sum(x.get("ok", 0) for x in b) if b else None
+            S[name][f"burst{n}_streams"] = sum(x.get("streams", 0) for x in b) if b else None
+        S[name].update({
             "idle_ok_streams": idle.get("ok"), "idle_streams": idle.get("streams"),
             "idle_errors": idle.get("errors"),
             "idle_peak_rss_mb": round(idle["peak_rss_kb"] / 1024, 1) if idle.get("peak_rss_kb") else None,
+            "idle_cpu_us_per_token": idle.get("cpu_us_per_token"),
             "download_MBps": (lg.get("download") or {}).get("MBps"),
             "upload_MBps": (lg.get("upload") or {}).get("MBps"),
             "large_peak_rss_mb": round(lg["peak_rss_kb"] / 1024, 1) if lg.get("peak_rss_kb") else None,
             "idle_rss_mb": round(med(d["idle_rss_kb"]) / 1024, 1) if med(d["idle_rss_kb"]) else None,
             "cold_start_ms": med(d["cold_start_ms"]),
-        }
+        })
     res["summary"] = S
     ratios = {}
-    p = S.get("podproxy")
-    if p:
-        for peer in ("direct", "nginx-tuned", "nginx-gonka", "haproxy"):
-            q = S.get(peer)
-            if not q:
+    peers = ("direct", "nginx-tuned", "nginx-gonka", "haproxy")
+    # podproxy (default config, access log on) is the row that counts; podproxy-logs-off
+    # gets small-request ratios only, and podproxy/podproxy-logs-off shows the log's cost
+    rows = [("podproxy", p, None) for p in peers] + [("podproxy-logs-off", p, ("rps", "p99_ms")) for p in peers] \
+        + [("podproxy", "podproxy-logs-off", None)]
+    for a, b, only in rows:
+        x, y = S.get(a), S.get(b)
+        if not x or not y:
+            continue
+        r = {}
+        for k, v in x.items():
+            w = y.get(k)
+            if only and k not in only:
                 continue
-            r = {}
-            for k, v in p.items():
-                w = q.get(k)
-                if isinstance(v, (int, float)) and isinstance(w, (int, float)) and w:
-                    r[k] = round(v / w, 3)
-            ratios[f"podproxy/{peer}"] = r
+            if isinstance(v, (int, float)) and isinstance(w, (int, float)) and w:
+                r[k] = round(v / w, 3)
+        ratios[f"{a}/{b}"] = r
     res["ratios"] = ratios
-    res["checks"] = checks(S)
+    res["checks"] = checks(S, res["params"])
     with open(os.path.join(OUT, "results.json"), "w") as f:
         json.dump(res, f, indent=2)
     md = table(S, ratios, res["checks"], res)
     print(md)
     with open(os.path.join(OUT, "last-table.md"), "w") as f:
         f.write(md)
-    chart(S)
+    chart(S, res["params"]["burst"]["sizes"])
+    return res["checks"]
 
 
-def checks(S):
-    p, tuned, hap, direct = S.get("podproxy", {}), S.get("nginx-tuned", {}), S.get("haproxy", {}), S.get("direct", {})
-    c = {}
-    def g(d, k):
-        return d.get(k) if isinstance(d.get(k), (int, float)) else None
-    if g(p, "rps") and g(tuned, "rps"):
-        c["small rps >= 1.2x nginx-tuned"] = p["rps"] >= 1.2 * tuned["rps"]
-    peers = [x for x in (g(tuned, "p99_ms"), g(hap, "p99_ms")) if x is not None]
-    if g(p, "p99_ms") is not None and peers:
-        c["small p99 <= best of nginx-tuned/haproxy"] = p["p99_ms"] <= min(peers)
+def num(d, k):
+    v = (d or {}).get(k)
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def checks(S, params):
+    """The targets, for podproxy at its defaults (access log on). Each is
+    {"target", "met": True/False/None (not measured in this run), "value"}."""
+    p, tuned, direct = S.get("podproxy") or {}, S.get("nginx-tuned") or {}, S.get("direct") or {}
+    out = []
+
+    def add(target, met, value):
+        out.append({"target": target, "met": met, "value": value})
+
+    def best_peer(k, higher=False):
+        """(name, value) of the better of nginx-tuned and haproxy for k, among those measured."""
+        c = [(n, num(S.get(n), k)) for n in ("nginx-tuned", "haproxy")]
+        c = [(n, v) for n, v in c if v is not None]
+        if not c:
+            return None, None
+        return (max if higher else min)(c, key=lambda x: x[1])
+
+    def vs_peer(target, k, factor=1.0, higher=False, unit="", nd=2):
+        v = num(p, k)
+        peer, w = best_peer(k, higher)
+        if v is None or w is None:
+            return add(target, None, "not measured")
+        met = v >= factor * w if higher else v <= factor * w
+        ratio = f"{v / w:.2f}×" if w else "–"
+        add(target, met, f"{v:,.{nd}f}{unit} vs {peer} {w:,.{nd}f}{unit} ({ratio})")
+
+    vs_peer("small requests: req/s ≥ 1.0× the better of nginx-tuned and haproxy", "rps", 1.0, True, "", 0)
+    vs_peer("small requests: p99 ≤ the better peer's p99", "p99_ms", 1.0, unit=" ms")
+    vs_peer("SSE: added latency p50 ≤ 0.8× the better peer's", "sse_p50_ms", 0.8, unit=" ms")
+    vs_peer("SSE: added latency p99 ≤ 0.8× the better peer's", "sse_p99_ms", 0.8, unit=" ms")
     if p.get("sse_streams"):
-        c["SSE zero batched reads"] = p["sse_batched_reads"] == 0
-    if g(p, "sse_p99_ms") is not None and g(tuned, "sse_p99_ms"):
-        c["SSE p99 <= 0.5x nginx-tuned"] = p["sse_p99_ms"] <= 0.5 * tuned["sse_p99_ms"]
-    if p.get("idle_streams"):
-        c["2000 slow streams all succeed"] = p["idle_ok_streams"] == p["idle_streams"]
-    if g(p, "idle_peak_rss_mb") and g(hap, "idle_peak_rss_mb"):
-        c["2000 streams peak RSS <= haproxy"] = p["idle_peak_rss_mb"] <= hap["idle_peak_rss_mb"]
-    for k in ("download_MBps", "upload_MBps"):
-        if g(p, k) and g(direct, k):
-            c[f"{k.split('_')[0]} >= 0.9x direct"] = p[k] >= 0.9 * direct[k]
-    if g(p, "idle_rss_mb"):
-        c["idle RSS < 10 MB"] = p["idle_rss_mb"] < 10
-    if g(p, "cold_start_ms"):
-        c["cold start < 50 ms"] = p["cold_start_ms"] < 50
-    return c
+        add("SSE: zero batched reads", p["sse_batched_reads"] == 0,
+            f"{p['sse_batched_reads']} batched reads (max {p['sse_max_events_per_read']} events per read)")
+    else:
+        add("SSE: zero batched reads", None, "not measured")
+    for n in params["burst"]["sizes"]:
+        for q in ("p50", "p99"):
+            vs_peer(f"burst of {n:,} new streams: TTFT {q} ≤ the better peer's", f"burst{n}_ttft_{q}_ms", unit=" ms", nd=1)
+
+    def vs_tuned(target, k, unit, nd):
+        v, w = num(p, k), num(tuned, k)
+        if v is None or w is None:
+            return add(target, None, "not measured")
+        add(target, v <= w, f"{v:,.{nd}f}{unit} vs nginx-tuned {w:,.{nd}f}{unit} ({v / w:.2f}×)" if w else f"{v}")
+
+    vs_tuned("2,000 slow streams: peak RSS ≤ nginx-tuned's", "idle_peak_rss_mb", " MB", 1)
+    vs_tuned("2,000 slow streams: CPU µs per streamed token ≤ nginx-tuned's", "idle_cpu_us_per_token", " µs", 1)
+    for k, what in (("download_MBps", "download"), ("upload_MBps", "upload")):
+        v, w = num(p, k), num(direct, k)
+        if v is None or w is None:
+            add(f"no regression: {what} ≥ 0.9× direct", None, "not measured")
+        else:
+            add(f"no regression: {what} ≥ 0.9× direct", v >= 0.9 * w, f"{v:,.0f} vs {w:,.0f} MB/s ({v / w:.2f}×)")
+    v = num(p, "large_peak_rss_mb")
+    mib = params["large"]["bytes"] >> 20
+    add(f"no regression: large-body peak RSS flat (< {LARGE_FLAT_MB} MB while moving {mib:,} MiB each way)",
+        None if v is None else v < LARGE_FLAT_MB, "not measured" if v is None else f"{v:.1f} MB")
+    v = num(p, "idle_rss_mb")
+    add("no regression: idle RSS < 10 MB", None if v is None else v < 10, "not measured" if v is None else f"{v:.1f} MB")
+    v = num(p, "cold_start_ms")
+    add("no regression: cold start < 50 ms", None if v is None else v < 50,
+        "not measured" if v is None else f"{v:.1f} ms (median of every start in this run)")
+    # a guard, not a speed target: figures from streams that broke would not mean much
+    got = [(p.get(f"{w}_ok_streams"), p.get(f"{w}_streams")) for w in
+           ["sse", "idle"] + [f"burst{n}" for n in params["burst"]["sizes"]]]
+    got = [(a, b) for a, b in got if b]
+    if got:
+        ok, tot = sum(a or 0 for a, _ in got), sum(b for _, b in got)
+        add("every podproxy stream ended cleanly (SSE, bursts, slow streams)", ok == tot, f"{ok:,}/{tot:,}")
+    return out
 
 
 def fmt(v, nd=1):
@@ -546,91 +687,135 @@ def fmt(v, nd=1):
 
 
 def table(S, ratios, chk, res):
-    cols = [("req/s", "rps", 0), ("p50 ms", "p50_ms", 2), ("p99 ms", "p99_ms", 2),
-            ("SSE p50 ms", "sse_p50_ms", 2), ("SSE p99 ms", "sse_p99_ms", 2), ("SSE max ms", "sse_max_ms", 1),
-            ("batched reads", "sse_batched_reads", 0), ("max ev/read", "sse_max_events_per_read", 0),
-            ("SSE ok", None, 0), ("2k streams ok", None, 0), ("2k peak RSS MB", "idle_peak_rss_mb", 1),
-            ("down MB/s", "download_MBps", 0), ("up MB/s", "upload_MBps", 0), ("large peak RSS MB", "large_peak_rss_mb", 1),
-            ("idle RSS MB", "idle_rss_mb", 1), ("cold start ms", "cold_start_ms", 1)]
-    out = ["| target | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name, s in S.items():
-        row = []
-        for title, k, nd in cols:
-            if title == "SSE ok":
-                row.append(f"{s['sse_ok_streams']}/{s['sse_streams']}")
-            elif title == "2k streams ok":
-                row.append(f"{fmt(s['idle_ok_streams'])}/{fmt(s['idle_streams'])}")
-            else:
-                row.append(fmt(s.get(k), nd))
-        out.append(f"| {name} | " + " | ".join(row) + " |")
+    sizes = res["params"]["burst"]["sizes"]
+
+    def ok(s, w):
+        a, b = s.get(f"{w}_ok_streams"), s.get(f"{w}_streams")
+        return "–" if not b else f"{a}/{b}"
+
+    t1 = [("req/s", "rps", 0), ("p50 ms", "p50_ms", 2), ("p99 ms", "p99_ms", 2),
+          ("SSE p50 ms", "sse_p50_ms", 2), ("SSE p99 ms", "sse_p99_ms", 2), ("SSE max ms", "sse_max_ms", 1),
+          ("batched reads", "sse_batched_reads", 0), ("max ev/read", "sse_max_events_per_read", 0),
+          ("SSE ok", "@sse", 0)]
+    t2 = []
+    for n in sizes:
+        k = f"{n // 1000}k" if n % 1000 == 0 else str(n)
+        t2 += [(f"burst {k} TTFT p50 ms", f"burst{n}_ttft_p50_ms", 1), (f"burst {k} TTFT p99 ms", f"burst{n}_ttft_p99_ms", 1),
+               (f"burst {k} ok", f"@burst{n}", 0)]
+    t2 += [("2k slow ok", "@idle", 0), ("2k slow peak RSS MB", "idle_peak_rss_mb", 1),
+           ("2k slow CPU µs/token", "idle_cpu_us_per_token", 1),
+           ("down MB/s", "download_MBps", 0), ("up MB/s", "upload_MBps", 0), ("large peak RSS MB", "large_peak_rss_mb", 1),
+           ("idle RSS MB", "idle_rss_mb", 1), ("cold start ms", "cold_start_ms", 1)]
+    out = []
+    for cols in (t1, t2):
+        # a subset run (WORKLOADS=...) leaves some columns empty: drop those
+        cols = [c for c in cols if any((ok(s, c[1][1:]) if c[1].startswith("@") else fmt(s.get(c[1]))) != "–"
+                                       for s in S.values())]
+        if not cols:
+            continue
+        out += ["| target | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for name, s in S.items():
+            row = [ok(s, k[1:]) if k.startswith("@") else fmt(s.get(k), nd) for _, k, nd in cols]
+            out.append(f"| {name} | " + " | ".join(row) + " |")
+        out.append("")
+    keys = ["rps", "p99_ms", "sse_p50_ms", "sse_p99_ms"]
+    for n in sizes:
+        keys += [f"burst{n}_ttft_p50_ms", f"burst{n}_ttft_p99_ms"]
+    keys += ["idle_peak_rss_mb", "idle_cpu_us_per_token", "download_MBps", "upload_MBps", "large_peak_rss_mb", "cold_start_ms"]
+    keys = [k for k in keys if any(k in r for r in ratios.values())]   # measured in this run
+    if keys:
+        out.append("Ratios (row / column target; for latency, RSS and CPU lower is better). podproxy runs at its "
+                   "defaults (access log on) and is the row that counts; podproxy-logs-off rows are small requests only:")
+        out.append("")
+        out.append("| ratio | " + " | ".join(keys) + " |")
+        out.append("|---" * (len(keys) + 1) + "|")
+        for rn, r in ratios.items():
+            if any(k in r for k in keys):
+                out.append(f"| {rn} | " + " | ".join(fmt(r.get(k), 2) for k in keys) + " |")
+        out.append("")
+    out.append("Targets (podproxy at its defaults, access log on; \"the better peer\" is the better of "
+               "nginx-tuned and haproxy in this run):")
     out.append("")
-    out.append("Ratios (podproxy / peer; for latency and RSS lower is better):")
+    for c in chk:
+        tag = {True: "MET   ", False: "MISSED", None: "n/a   "}[c["met"]]
+        out.append(f"- {tag} {c['target']}: {c['value']}")
+    met = sum(1 for c in chk if c["met"] is True)
+    missed = sum(1 for c in chk if c["met"] is False)
+    na = sum(1 for c in chk if c["met"] is None)
     out.append("")
-    keys = ["rps", "p99_ms", "sse_p50_ms", "sse_p99_ms", "idle_peak_rss_mb", "download_MBps", "upload_MBps", "large_peak_rss_mb", "cold_start_ms"]
-    out.append("| ratio | " + " | ".join(keys) + " |")
-    out.append("|---" * (len(keys) + 1) + "|")
-    for rn, r in ratios.items():
-        out.append(f"| {rn} | " + " | ".join(fmt(r.get(k), 2) for k in keys) + " |")
-    out.append("")
-    out.append("Issue #8 targets (this run):")
-    out.append("")
-    for k, v in chk.items():
-        out.append(f"- {'MET ' if v else 'MISSED'} {k}")
+    out.append(f"{met} met, {missed} missed, {na} not measured in this run.")
     p = res["params"]
     out.append("")
-    out.append(f"Parameters: quick={res['quick']}; small: wrk -t1 -c64 {p['small']['duration_s']} s; "
+    out.append(f"Parameters: quick={res['quick']}; targets {','.join(res['targets'])}; small: wrk -t1 -c64 {p['small']['duration_s']} s; "
                f"SSE: {p['sse']['streams']} streams x {p['sse']['tokens']} events @ {p['sse']['interval_ms']} ms, "
-               f"{p['sse']['rounds']} round(s), median of rounds; slow streams: {p['idle']['streams']} x {p['idle']['tokens']} "
+               f"{p['sse']['rounds']} round(s), median of rounds; bursts: {' and '.join(str(n) for n in p['burst']['sizes'])} "
+               f"streams at once x {p['burst']['tokens']} events @ {p['burst']['interval_ms']} ms, {p['burst']['rounds']} round(s), "
+               f"median of rounds; slow streams: {p['idle']['streams']} x {p['idle']['tokens']} "
                f"events @ {p['idle']['interval_ms']} ms; large: {p['large']['bytes'] >> 20} MiB.")
     return "\n".join(out) + "\n"
 
 
-def chart(S):
+def chart(S, sizes):
+    import math
     names = list(S.keys())
-    colors = {"direct": "#888888", "podproxy": "#d9480f", "nginx-gonka": "#1c7ed6", "nginx-tuned": "#4dabf7", "haproxy": "#37b24d"}
-    W, H = 960, 420
+    colors = {"direct": "#888888", "podproxy": "#d9480f", "podproxy-logs-off": "#f59f00", "nginx-gonka": "#1c7ed6",
+              "nginx-tuned": "#4dabf7", "haproxy": "#37b24d"}
+    W, H = 1440, 460
     svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
            f'<rect width="{W}" height="{H}" fill="white"/>']
 
-    def panel(x0, title, series, unit, log_scale=False):
-        pw, ph, top = 420, 300, 60
-        svg.append(f'<text x="{x0 + pw / 2}" y="30" text-anchor="middle" font-size="15" font-weight="bold">{title}</text>')
-        vals = [v for _, vs in series for v in vs if isinstance(v, (int, float))]
+    def panel(x0, title, series, unit, log_scale=False, light=(), vfont=9):
+        pw, ph, top = 420, 300, 66
+        svg.append(f'<text x="{x0 + pw / 2}" y="24" text-anchor="middle" font-size="15" font-weight="bold">{title}</text>')
+        vals = [v for _, vs in series for v in vs if isinstance(v, (int, float)) and v > 0]
         vmax = max(vals) if vals else 1
         groups = len(series)
         gw = pw / max(groups, 1)
         nb = max(len(vs) for _, vs in series) if series else 1
-        bw = gw * 0.7 / nb
+        bw = gw * 0.8 / nb
         svg.append(f'<line x1="{x0}" y1="{top + ph}" x2="{x0 + pw}" y2="{top + ph}" stroke="black"/>')
-        import math
+
         def hgt(v):
             if log_scale:
                 lo = math.log10(max(min(vals), 1e-3)) - 0.3
                 return ph * (math.log10(max(v, 1e-3)) - lo) / (math.log10(vmax) - lo + 1e-9)
             return ph * v / vmax
         for i, (name, vs) in enumerate(series):
-            gx = x0 + i * gw + gw * 0.15
+            gx = x0 + i * gw + gw * 0.1
             for j, v in enumerate(vs):
-                if not isinstance(v, (int, float)):
+                if not isinstance(v, (int, float)) or v <= 0:
                     continue
                 h = max(hgt(v), 1)
-                op = "1" if j == 0 else "0.55"
-                svg.append(f'<rect x="{gx + j * bw:.1f}" y="{top + ph - h:.1f}" width="{bw - 2:.1f}" height="{h:.1f}" fill="{colors.get(name, "#555")}" fill-opacity="{op}"/>')
-                svg.append(f'<text x="{gx + j * bw + bw / 2:.1f}" y="{top + ph - h - 4:.1f}" text-anchor="middle" font-size="10">{v:,.{0 if v >= 100 else 1 if v >= 1 else 2}f}</text>')
-            svg.append(f'<text x="{x0 + i * gw + gw / 2:.1f}" y="{top + ph + 16}" text-anchor="middle">{name}</text>')
-        svg.append(f'<text x="{x0}" y="{top - 8}" font-size="11" fill="#444">{unit}</text>')
+                op = "0.55" if j in light else "1"
+                svg.append(f'<rect x="{gx + j * bw:.1f}" y="{top + ph - h:.1f}" width="{max(bw - 2, 1):.1f}" height="{h:.1f}" fill="{colors.get(name, "#555")}" fill-opacity="{op}"/>')
+                svg.append(f'<text x="{gx + j * bw + bw / 2:.1f}" y="{top + ph - h - 4:.1f}" text-anchor="middle" font-size="{vfont}">{v:,.{0 if v >= 10 else 1 if v >= 1 else 2}f}</text>')
+            cx, cy = x0 + i * gw + gw / 2, top + ph + 14
+            svg.append(f'<text x="{cx:.1f}" y="{cy}" text-anchor="end" font-size="11" transform="rotate(-25 {cx:.1f} {cy})">{name}</text>')
+        svg.append(f'<text x="{x0}" y="{top - 20}" font-size="11" fill="#444">{unit}</text>')
 
     panel(30, "Added SSE latency (p50 solid, p99 light)",
-          [(n, [S[n].get("sse_p50_ms"), S[n].get("sse_p99_ms")]) for n in names], "ms, log scale", log_scale=True)
+          [(n, [S[n].get("sse_p50_ms"), S[n].get("sse_p99_ms")]) for n in names], "ms, log scale", True, (1,))
     panel(510, "Small requests: requests/s (higher is better)", [(n, [S[n].get("rps")]) for n in names], "req/s")
-    svg.append(f'<text x="{W / 2}" y="{H - 12}" text-anchor="middle" font-size="11" fill="#444">podproxy benches/compare, one interleaved run on one machine (see RESULTS.md)</text>')
+    bursts = " then ".join(f"{n:,}" for n in sizes)
+    panel(990, "Burst TTFT (p50 solid, p99 light)",
+          [(n, [S[n].get(f"burst{b}_ttft_{q}_ms") for b in sizes for q in ("p50", "p99")]) for n in names],
+          f"ms; {bursts} streams; floor 50 ms (the simulator's first token)",
+          False, tuple(range(1, 2 * len(sizes), 2)), vfont=8)
+    svg.append(f'<text x="{W / 2}" y="{H - 12}" text-anchor="middle" font-size="11" fill="#444">podproxy benches/compare, one interleaved run on one machine; every proxy logs access to a file (see RESULTS.md)</text>')
     svg.append("</svg>")
     with open(os.path.join(OUT, "chart.svg"), "w") as f:
         f.write("\n".join(svg))
 
 
 if __name__ == "__main__":
+    rc = 0
     try:
-        main()
+        chk = main()
+        missed = [c["target"] for c in chk or [] if c["met"] is False]
+        if missed:
+            log(f"{len(missed)} target(s) missed" + ("; STRICT=1: exit status 3" if STRICT else " (exit status 0; STRICT=1 makes it 3)"))
+            if STRICT:
+                rc = 3
     finally:
         cleanup()
+    sys.exit(rc)

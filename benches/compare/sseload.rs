@@ -6,7 +6,11 @@
 // every event, records arrival_us - sent_us (both wall clock on this machine, sent_us is
 // stamped by the simulator when it writes the event). A socket read that completes more
 // than one token event counts as a batched read ([DONE] is not counted: the simulator
-// writes it immediately after the last token). Prints one JSON object on stdout.
+// writes it immediately after the last token). Per stream it also records the connect time
+// (connect() call to established), the time to the response head (`ttfb`) and the time to
+// the first token (`ttft`: from just before the request is written to the read that
+// completes the first token event). All threads wait on one barrier and then connect
+// together, so STREAMS new streams open as one burst. Prints one JSON object on stdout.
 //
 // usage: sseload ADDR STREAMS TOKENS INTERVAL_MS TIMEOUT_S
 use std::io::{Read, Write};
@@ -29,6 +33,8 @@ struct StreamResult {
     max_per_read: usize,
     delays: Vec<i64>,
     ttfb_us: Option<u64>,
+    ttft_us: Option<u64>,
+    connect_us: Option<u64>,
 }
 
 enum Chunk {
@@ -118,10 +124,12 @@ fn one(addr: &str, tokens: usize, interval: u64, deadline: Instant) -> StreamRes
         r
     };
     let sa: std::net::SocketAddr = addr.parse().unwrap();
+    let c0 = Instant::now();
     let mut s = match TcpStream::connect_timeout(&sa, Duration::from_secs(5)) {
         Ok(s) => s,
         Err(e) => return fail(r, format!("connect: {e}")),
     };
+    r.connect_us = Some(c0.elapsed().as_micros() as u64);
     let _ = s.set_nodelay(true);
     let body = format!(
         "{{\"model\":\"m\",\"stream\":true,\"max_tokens\":{tokens},\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}"
@@ -151,6 +159,7 @@ fn one(addr: &str, tokens: usize, interval: u64, deadline: Instant) -> StreamRes
             Err(e) => return fail(r, format!("read: {e}")),
         };
         let arrived = now_us();
+        let since_write = t0.elapsed().as_micros() as u64;
         let mut data = &buf[..n];
         if dec.is_none() {
             head.extend_from_slice(data);
@@ -193,6 +202,9 @@ fn one(addr: &str, tokens: usize, interval: u64, deadline: Instant) -> StreamRes
             } else {
                 completed += 1;
                 r.events += 1;
+                if r.ttft_us.is_none() {
+                    r.ttft_us = Some(since_write);
+                }
                 if let Some(sent) = sent_us(ev) {
                     r.delays.push(arrived as i64 - sent as i64);
                 }
@@ -261,6 +273,8 @@ fn main() {
     let (mut ok, mut events, mut reads, mut multi, mut maxper) = (0, 0, 0, 0, 0);
     let mut errors: std::collections::BTreeMap<String, usize> = Default::default();
     let mut ttfb: Vec<i64> = Vec::new();
+    let mut ttft: Vec<i64> = Vec::new();
+    let mut conn: Vec<i64> = Vec::new();
     for h in hs {
         let r = h.join().unwrap();
         if r.ok {
@@ -277,13 +291,21 @@ fn main() {
         if let Some(t) = r.ttfb_us {
             ttfb.push(t as i64);
         }
+        if let Some(t) = r.ttft_us {
+            ttft.push(t as i64);
+        }
+        if let Some(t) = r.connect_us {
+            conn.push(t as i64);
+        }
         all.extend(r.delays);
     }
     all.sort_unstable();
     ttfb.sort_unstable();
+    ttft.sort_unstable();
+    conn.sort_unstable();
     let errs: Vec<String> = errors.iter().map(|(k, v)| format!("{:?}:{}", k, v)).collect();
     println!(
-        "{{\"streams\":{streams},\"ok\":{ok},\"failed\":{},\"events\":{events},\"reads\":{reads},\"multi_event_reads\":{multi},\"max_events_per_read\":{maxper},\"lat_p50_us\":{},\"lat_p99_us\":{},\"lat_p999_us\":{},\"lat_max_us\":{},\"ttfb_p50_us\":{},\"ttfb_p99_us\":{},\"wall_s\":{:.3},\"errors\":{{{}}}}}",
+        "{{\"streams\":{streams},\"ok\":{ok},\"failed\":{},\"events\":{events},\"reads\":{reads},\"multi_event_reads\":{multi},\"max_events_per_read\":{maxper},\"lat_p50_us\":{},\"lat_p99_us\":{},\"lat_p999_us\":{},\"lat_max_us\":{},\"ttfb_p50_us\":{},\"ttfb_p99_us\":{},\"ttft_p50_us\":{},\"ttft_p99_us\":{},\"ttft_max_us\":{},\"connect_p50_us\":{},\"connect_p99_us\":{},\"connect_max_us\":{},\"wall_s\":{:.3},\"errors\":{{{}}}}}",
         streams - ok,
         pct(&all, 0.5),
         pct(&all, 0.99),
@@ -291,6 +313,12 @@ fn main() {
         all.last().copied().unwrap_or(-1),
         pct(&ttfb, 0.5),
         pct(&ttfb, 0.99),
+        pct(&ttft, 0.5),
+        pct(&ttft, 0.99),
+        ttft.last().copied().unwrap_or(-1),
+        pct(&conn, 0.5),
+        pct(&conn, 0.99),
+        conn.last().copied().unwrap_or(-1),
         t0.elapsed().as_secs_f64(),
         errs.join(",")
     );
