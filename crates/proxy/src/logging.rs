@@ -7,14 +7,23 @@
 //! and journald get plain lines.
 
 use crate::config::LogFormat;
+use std::fmt;
 use std::io::IsTerminal;
 use std::sync::OnceLock;
+use tracing::field::{Field, Visit};
 use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
+use tracing_subscriber::field::{MakeVisitor, VisitFmt, VisitOutput};
+use tracing_subscriber::fmt::format::{DefaultVisitor, Writer};
 use tracing_subscriber::EnvFilter;
 
 /// Lines the log writer may hold before it drops new ones (and counts them) instead of
 /// making a request wait for stderr.
 const BUFFERED_LINES: usize = 64 * 1024;
+
+/// The writer thread's buffer in front of stderr. It writes whatever it has after each
+/// batch of lines it took from the queue, so an idle proxy's line goes out at once and a
+/// busy one's go out many per `write`.
+const WRITE_BUFFER: usize = 64 * 1024;
 
 /// Log lines dropped because stderr could not keep up (exported as a metric).
 static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
@@ -64,7 +73,10 @@ pub fn init_background(format: LogFormat, level: &str) -> WorkerGuard {
         .lossy(true)
         .buffered_lines_limit(BUFFERED_LINES)
         .thread_name("podproxy-log")
-        .finish(std::io::stderr());
+        .finish(std::io::BufWriter::with_capacity(
+            WRITE_BUFFER,
+            std::io::stderr(),
+        ));
     let _ = DROPPED.set(writer.error_counter());
     install(format, level, writer);
     guard
@@ -84,7 +96,238 @@ where
         .with_env_filter(filter)
         .with_writer(writer);
     let _ = match format {
-        LogFormat::Text => builder.with_ansi(colour()).try_init(),
+        LogFormat::Text if colour() => builder.with_ansi(true).try_init(),
+        LogFormat::Text => builder.with_ansi(false).fmt_fields(PlainFields).try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+/// Text fields without colour, written as tracing-subscriber's default formatter writes
+/// them (`name=value`, strings quoted and escaped as `{:?}` does) but without its per-field
+/// styling calls, which run even when they print nothing, and with a string that needs no
+/// escaping copied whole rather than char by char. The access log's strings (path,
+/// upstream, request id) nearly always are such strings. Anything else goes to the default
+/// visitor, so the line is the same byte for byte (pinned by a test).
+pub struct PlainFields;
+
+impl<'w> MakeVisitor<Writer<'w>> for PlainFields {
+    type Visitor = PlainVisitor<'w>;
+
+    fn make_visitor(&self, writer: Writer<'w>) -> PlainVisitor<'w> {
+        PlainVisitor {
+            writer,
+            is_empty: true,
+            result: Ok(()),
+        }
+    }
+}
+
+/// The visitor of `PlainFields`.
+pub struct PlainVisitor<'w> {
+    writer: Writer<'w>,
+    is_empty: bool,
+    result: fmt::Result,
+}
+
+/// Printable ASCII without `"` and `\`: what `{:?}` writes unchanged between its quotes.
+fn needs_no_escaping(s: &str) -> bool {
+    s.bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+}
+
+impl PlainVisitor<'_> {
+    /// Writes `name=` with the separating space; `false` when the field is not written.
+    fn name(&mut self, field: &Field) -> bool {
+        if self.result.is_err() {
+            return false;
+        }
+        let name = field.name();
+        let name = name.strip_prefix("r#").unwrap_or(name);
+        let pad = if self.is_empty { "" } else { " " };
+        self.is_empty = false;
+        self.result = self
+            .writer
+            .write_str(pad)
+            .and_then(|()| self.writer.write_str(name))
+            .and_then(|()| self.writer.write_char('='));
+        self.result.is_ok()
+    }
+
+    /// Hands one field to tracing-subscriber's own visitor (messages, escaping, errors).
+    fn default(&mut self, record: impl FnOnce(&mut DefaultVisitor<'_>)) {
+        if self.result.is_err() {
+            return;
+        }
+        let mut v = DefaultVisitor::new(self.writer.by_ref(), self.is_empty);
+        record(&mut v);
+        self.result = v.finish();
+        self.is_empty = false;
+    }
+
+    /// `log.*` fields are the `log` crate's metadata, already printed by the formatter.
+    fn is_log_metadata(field: &Field) -> bool {
+        field.name().starts_with("log.")
+    }
+}
+
+impl Visit for PlainVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if Self::is_log_metadata(field) {
+            return;
+        }
+        if field.name() == "message" || !needs_no_escaping(value) {
+            return self.default(|v| v.record_str(field, value));
+        }
+        if self.name(field) {
+            self.result = self
+                .writer
+                .write_char('"')
+                .and_then(|()| self.writer.write_str(value))
+                .and_then(|()| self.writer.write_char('"'));
+        }
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        if !Self::is_log_metadata(field) && field.name() != "message" && self.name(field) {
+            self.result = write!(self.writer, "{value}");
+        } else if field.name() == "message" {
+            self.default(|v| v.record_u64(field, value));
+        }
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        if !Self::is_log_metadata(field) && field.name() != "message" && self.name(field) {
+            self.result = write!(self.writer, "{value}");
+        } else if field.name() == "message" {
+            self.default(|v| v.record_i64(field, value));
+        }
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        if !Self::is_log_metadata(field) && field.name() != "message" && self.name(field) {
+            self.result = write!(self.writer, "{value:?}");
+        } else if field.name() == "message" {
+            self.default(|v| v.record_f64(field, value));
+        }
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        if !Self::is_log_metadata(field) && field.name() != "message" && self.name(field) {
+            self.result = self.writer.write_str(if value { "true" } else { "false" });
+        } else if field.name() == "message" {
+            self.default(|v| v.record_bool(field, value));
+        }
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        if !Self::is_log_metadata(field) {
+            self.default(|v| v.record_error(field, value));
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if !Self::is_log_metadata(field) {
+            self.default(|v| v.record_debug(field, value));
+        }
+    }
+}
+
+impl VisitOutput<fmt::Result> for PlainVisitor<'_> {
+    fn finish(self) -> fmt::Result {
+        self.result
+    }
+}
+
+impl VisitFmt for PlainVisitor<'_> {
+    fn writer(&mut self) -> &mut dyn fmt::Write {
+        &mut self.writer
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// What `events` print with the default field formatter and with `PlainFields`.
+    fn both(events: impl Fn()) -> (String, String) {
+        let run = |plain: bool| {
+            let buf = Buf::default();
+            let out = buf.clone();
+            let builder = tracing_subscriber::fmt()
+                .with_ansi(false)
+                .without_time()
+                .with_max_level(tracing::Level::TRACE)
+                .with_writer(move || buf.clone());
+            if plain {
+                tracing::subscriber::with_default(
+                    builder.fmt_fields(PlainFields).finish(),
+                    &events,
+                );
+            } else {
+                tracing::subscriber::with_default(builder.finish(), &events);
+            }
+            let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+            text
+        };
+        (run(false), run(true))
+    }
+
+    #[test]
+    fn plain_fields_print_what_the_default_formatter_prints() {
+        let (default, plain) = both(|| {
+            let err = std::io::Error::other("disk \"full\"");
+            tracing::info!(
+                target: "podproxy::access",
+                listener = "inference",
+                method = "POST",
+                path = "/v1/chat/completions",
+                status = 200u16,
+                bytes_in = 12u64,
+                duration_ms = 1.25f64,
+                ttfb_ms = -1.0f64,
+                delta = -7i64,
+                ok = true,
+                error = "",
+                "a message"
+            );
+            tracing::warn!(
+                path = "/with \"quotes\" and \\ and\nnewline",
+                unicode = "caf\u{e9} \u{1b}[31mred",
+                r#type = "raw",
+                err = &err as &(dyn std::error::Error + 'static),
+                debug = ?Some(3),
+                shown = %"display",
+                "escape \u{1b}[2J in {}", "message"
+            );
+            let span = tracing::info_span!("conn", peer = "10.0.0.1:5", n = 3u64);
+            let _g = span.enter();
+            tracing::error!(upstream = "vllm", count = 7u64);
+            tracing::debug!(message = "only a message");
+        });
+        assert_eq!(default.lines().count(), 4, "{default}");
+        assert_eq!(plain, default);
+    }
+
+    #[test]
+    fn only_printable_ascii_without_quote_or_backslash_skips_escaping() {
+        assert!(needs_no_escaping("/v1/chat/completions?x=1 ~"));
+        assert!(needs_no_escaping(""));
+        for s in ["a\"b", "a\\b", "a\nb", "caf\u{e9}", "\u{1b}", "\u{7f}"] {
+            assert!(!needs_no_escaping(s), "{s:?}");
+        }
+    }
 }
