@@ -14,6 +14,7 @@ use tracing::field::{Field, Visit};
 use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::field::{MakeVisitor, VisitFmt, VisitOutput};
 use tracing_subscriber::fmt::format::{DefaultVisitor, Writer};
+use tracing_subscriber::fmt::time::FormatTime;
 use tracing_subscriber::EnvFilter;
 
 /// Lines the log writer may hold before it drops new ones (and counts them) instead of
@@ -97,9 +98,58 @@ where
         .with_writer(writer);
     let _ = match format {
         LogFormat::Text if colour() => builder.with_ansi(true).try_init(),
-        LogFormat::Text => builder.with_ansi(false).fmt_fields(PlainFields).try_init(),
+        LogFormat::Text => builder
+            .with_ansi(false)
+            .with_timer(SecondCache)
+            .fmt_fields(PlainFields)
+            .try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+/// RFC 3339 UTC with microseconds (`2026-12-01T23:30:00.123456Z`), as the default timer
+/// prints it, but with the date and time of day formatted once per second per thread
+/// instead of for every line.
+pub struct SecondCache;
+
+thread_local! {
+    /// The second last formatted on this thread and its text up to the `.`.
+    static SECOND: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
+}
+
+impl SecondCache {
+    fn write(w: &mut impl fmt::Write, now: std::time::SystemTime) -> fmt::Result {
+        let Ok(since) = now.duration_since(std::time::UNIX_EPOCH) else {
+            return write!(w, "{}", humantime::format_rfc3339_micros(now));
+        };
+        let secs = since.as_secs();
+        let mut micros = [b'0'; 6];
+        let mut n = since.subsec_micros();
+        for d in micros.iter_mut().rev() {
+            *d = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+        let micros = std::str::from_utf8(&micros).map_err(|_| fmt::Error)?;
+        SECOND.with(|cell| {
+            let mut cached = cell.borrow_mut();
+            if cached.0 != secs {
+                let whole = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+                let text = humantime::format_rfc3339_seconds(whole).to_string();
+                cached.1 = text.trim_end_matches('Z').to_string();
+                cached.0 = secs;
+            }
+            w.write_str(&cached.1)?;
+            w.write_char('.')?;
+            w.write_str(micros)?;
+            w.write_char('Z')
+        })
+    }
+}
+
+impl FormatTime for SecondCache {
+    fn format_time(&self, w: &mut Writer<'_>) -> fmt::Result {
+        Self::write(w, std::time::SystemTime::now())
+    }
 }
 
 /// Text fields without colour, written as tracing-subscriber's default formatter writes
@@ -320,6 +370,36 @@ mod tests {
         });
         assert_eq!(default.lines().count(), 4, "{default}");
         assert_eq!(plain, default);
+    }
+
+    #[test]
+    fn cached_seconds_print_what_humantime_and_the_default_timer_print() {
+        use std::time::{Duration, SystemTime, UNIX_EPOCH};
+        let base = UNIX_EPOCH + Duration::from_secs(1_796_169_599); // 2026-12-01T23:59:59Z
+        for t in [
+            base,
+            base + Duration::from_micros(7),
+            base + Duration::from_micros(999_999),
+            base + Duration::from_secs(1),
+            base + Duration::from_secs(1) + Duration::from_micros(123_456),
+            base - Duration::from_secs(86_400 * 400),
+            base,
+        ] {
+            let mut mine = String::new();
+            SecondCache::write(&mut mine, t).unwrap();
+            assert_eq!(mine, humantime::format_rfc3339_micros(t).to_string());
+        }
+        // The default timer's text for "now" has the same shape.
+        let mut default = String::new();
+        tracing_subscriber::fmt::time::SystemTime
+            .format_time(&mut Writer::new(&mut default))
+            .unwrap();
+        let mut mine = String::new();
+        SecondCache::write(&mut mine, SystemTime::now()).unwrap();
+        assert_eq!(mine.len(), default.len(), "{mine} vs {default}");
+        assert_eq!(mine.as_bytes()[19], b'.');
+        assert_eq!(default.as_bytes()[19], b'.');
+        assert!(mine.ends_with('Z') && default.ends_with('Z'));
     }
 
     #[test]
