@@ -1,10 +1,8 @@
 //! Gonka as it runs today: FastAPI's strict Content-Type, side-by-side mlnode versions,
 //! PoC v2 callbacks, the DAPI's base-URL mode with a token, and trace headers.
 
-mod common;
 mod support;
 
-use common::*;
 use http::Request;
 use support::*;
 use testkit::client::{empty, full, http_client};

@@ -4,10 +4,8 @@
 //! parked when it cannot take another request (`Connection: close`, abandoned body).
 //! The backends are raw TCP servers that count their connections and report each close.
 
-mod common;
 mod support;
 
-use common::*;
 use http::Request;
 use http_body_util::BodyExt;
 use std::sync::atomic::{AtomicUsize, Ordering};

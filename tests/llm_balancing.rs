@@ -4,10 +4,8 @@
 //! moves it; with the feature off (or the signals unavailable) the choice is exactly
 //! today's least outstanding requests. No timing is asserted: only where requests went.
 
-mod common;
 mod support;
 
-use common::*;
 use http::{Method, Request, StatusCode};
 use serde_json::{json, Value};
 use std::time::Duration;

@@ -6,11 +6,9 @@
 //!   `inference/up` carried out as `up/async` + `up/status` polls, every outcome.
 //! - `sse_keepalive` on the pod front: a streaming chat whose first token outlasts the hop.
 
-mod common;
 mod support;
 
 use bytes::Bytes;
-use common::*;
 use http::Request;
 use http_body_util::BodyExt;
 use std::time::Duration;

@@ -12,12 +12,10 @@
 //! - `podproxy check` errors for every kind of bad TLS or gate setting;
 //! - the shipped `gonka-mtls.toml` and `pod-token.toml` examples, running.
 //!
-//! Every wait is bounded (`support::bounded`, `common::WAIT`); nothing sleeps to synchronise.
-mod common;
+//! Every wait is bounded (`support::bounded`, `support::WAIT`); nothing sleeps to synchronise.
 mod support;
 
 use bytes::Bytes;
-use common::*;
 use http::{Request, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
@@ -1483,22 +1481,6 @@ async fn upstream_pins_accept_a_gonka_style_server_and_client_cert_reaches_it() 
 // 7. `podproxy check` errors
 // =======================================================================================
 
-/// Runs `podproxy check --config <file with text>`; returns (exit code, stderr).
-fn check(name: &str, text: &str) -> (Option<i32>, String) {
-    let path = material().dir.join(format!("check-{name}.toml"));
-    std::fs::write(&path, text).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_podproxy"))
-        .args(["check", "--skip-bind", "--config"])
-        .arg(&path)
-        .env_remove("PODPROXY_CONFIG")
-        .output()
-        .expect("run podproxy check");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn check_reports_bad_tls_and_gate_settings_by_key_without_panicking() {
     let m = material();
@@ -1706,7 +1688,8 @@ fn check_reports_bad_tls_and_gate_settings_by_key_without_panicking() {
     ];
     let mut failures = Vec::new();
     for (i, (what, text, key, reasons)) in cases.iter().enumerate() {
-        let (code, stderr) = check(&format!("{i}"), text);
+        let Ran { status, stderr, .. } = check(Some(&scratch_file(&format!("{i}.toml"), text)));
+        let code = status.code();
         let mut problems = Vec::new();
         if code != Some(2) {
             problems.push(format!("exit code {code:?}, expected 2"));
@@ -1745,19 +1728,9 @@ fn check_reports_bad_tls_and_gate_settings_by_key_without_panicking() {
         "header_timeout",
         &format!("tokens = [\"{TOKEN_A}\"]\nheader_timeout"),
     );
-    let path = m.dir.join("check-good.toml");
-    std::fs::write(&path, &good).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_podproxy"))
-        .args(["check", "--skip-bind", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run podproxy check");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = check(Some(&scratch_file("good.toml", &good)));
+    let stdout = &out.stdout;
+    assert!(out.success(), "{}", out.stderr);
     assert!(
         !stdout.contains(TOKEN_A),
         "check printed a token:\n{stdout}"
