@@ -4,53 +4,10 @@
 mod support;
 
 use std::path::Path;
-use std::process::Command;
 use support::*;
 
-/// Gonka-style certificates made by openssl exactly as gen-mlnode-certs.sh makes them, once
-/// per test run, for the examples that reference certificate files.
-fn cert_dir() -> &'static str {
-    static DIR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir =
-            std::env::temp_dir().join(format!("podproxy-example-certs-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("cert dir");
-        for name in ["dapi", "mlnode"] {
-            let status = Command::new("openssl")
-                .args([
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:P-256",
-                    "-nodes",
-                    "-days",
-                    "36500",
-                ])
-                .arg("-subj")
-                .arg(format!("/CN=gonka-{name}"))
-                .args([
-                    "-addext",
-                    "subjectAltName=DNS:api,DNS:localhost,IP:127.0.0.1",
-                ])
-                .args(["-addext", "basicConstraints=critical,CA:TRUE"])
-                .args(["-addext", "keyUsage=critical,digitalSignature,keyCertSign"])
-                .args(["-addext", "extendedKeyUsage=serverAuth,clientAuth"])
-                .arg("-keyout")
-                .arg(dir.join(format!("{name}.key")))
-                .arg("-out")
-                .arg(dir.join(format!("{name}.crt")))
-                .stderr(std::process::Stdio::null())
-                .status()
-                .expect("openssl");
-            assert!(status.success(), "openssl req failed");
-        }
-        dir.to_string_lossy().into_owned()
-    })
-}
-
-/// `podproxy check` with the variables the examples read set.
+/// `podproxy check` with the variables the examples read set (certificate files: the
+/// Gonka-style ones of `support::tls`, made by openssl as gen-mlnode-certs.sh makes them).
 fn check_example(path: Option<&Path>) -> Ran {
     Podproxy::new()
         .env("NETWORK_NODE_CALLBACK", "http://203.0.113.7:9100")
@@ -58,7 +15,7 @@ fn check_example(path: Option<&Path>) -> Ran {
         .env("NETWORK_NODE_CIDR", "203.0.113.7/32")
         .env("PODPROXY_TOKEN", "0123456789abcdef0123456789abcdef")
         .env("RUNPOD_ID", "e6rbg7z3qyr7a4")
-        .env("CERT_DIR", cert_dir())
+        .env("CERT_DIR", &support::tls::material().dir)
         .check(path)
 }
 

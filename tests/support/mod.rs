@@ -12,9 +12,10 @@
 //! | `admin` | admin API requests |
 //! | `metrics` | `/metrics` scrapes, parsed (`metrics::value`, `Scrape`) |
 //! | `embedded` | the embedded default config moved onto loopback |
+//! | `tls` | certificates (openssl and rcgen), TLS clients and a TLS backend |
 //!
-//! `metrics` is used by name (`metrics::value(..)`, `metrics::scrape(..)`); the others are
-//! re-exported here.
+//! `metrics` and `tls` are used by name (`metrics::value(..)`, `use support::tls::*`); the
+//! others are re-exported here.
 #![allow(dead_code)]
 
 pub mod admin;
@@ -24,6 +25,7 @@ pub mod embedded;
 pub mod launch;
 pub mod metrics;
 pub mod raw;
+pub mod tls;
 
 // Not every test file uses every part (as with `dead_code` above).
 #[allow(unused_imports)]
