@@ -137,25 +137,14 @@ async fn only_header_less_json_bodies_get_the_header_and_each_is_counted() {
         assert_eq!(got.body_str(), body);
     }
 
-    let metrics = admin_get(proxy.admin.unwrap(), "/metrics").await;
-    assert!(
-        metrics.contains("podproxy_content_type_added_total{listener=\"main\"} 2"),
-        "{metrics}"
+    let s = metrics::scrape(proxy.admin.unwrap()).await;
+    assert_eq!(
+        s.get("podproxy_content_type_added_total", &[("listener", "main")]),
+        Some(2.0),
+        "{}",
+        s.text
     );
     proxy.shutdown().await;
-}
-
-/// `GET path` on the admin API, body as text.
-async fn admin_get(addr: std::net::SocketAddr, path: &str) -> String {
-    let (parts, body) = send(
-        &http_client(),
-        Request::get(format!("http://{addr}{path}"))
-            .body(empty())
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(parts.status, 200);
-    String::from_utf8_lossy(&body).into_owned()
 }
 
 /// Reads a chunked body off `stream` (after the head), returning the data.
@@ -275,22 +264,11 @@ async fn a_poc_body_without_content_type_is_rewritten_and_typed() {
     );
     // Received bytes are what the client sent, not the rewritten body (the exchange is
     // recorded when its response body ends, just after the client has it).
-    let line = format!(
-        "podproxy_received_bytes_total{{listener=\"poc\"}} {}",
-        body.len()
-    );
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let metrics = admin_get(proxy.admin.unwrap(), "/metrics").await;
-        if metrics.contains(&line) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{line} not in:\n{metrics}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let received = body.len() as f64;
+    metrics::scrape_until(proxy.admin.unwrap(), "the received bytes counted", |s| {
+        s.get("podproxy_received_bytes_total", &[("listener", "poc")]) == Some(received)
+    })
+    .await;
     proxy.shutdown().await;
 }
 
