@@ -366,15 +366,7 @@ async fn trace_headers_pass_through_both_ways_unchanged() {
     let backend = RawBackend::start(|mut s| async move {
         let mut buf = Vec::new();
         while let Some(req) = read_request(&mut s, &mut buf).await {
-            let pick = |name: &str| {
-                req.head
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
-                    })
-                    .unwrap_or_default()
-            };
+            let pick = |name: &str| req.header(name).unwrap_or_default();
             let resp = format!(
                 "HTTP/1.1 200 OK\r\ntraceparent: {}\r\ntracestate: {}\r\nx-request-id: {}\r\nContent-Length: 0\r\n\r\n",
                 pick("traceparent"),

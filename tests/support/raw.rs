@@ -246,6 +246,23 @@ pub struct RawRequest {
     pub body: Vec<u8>,
 }
 
+impl RawRequest {
+    /// Every value of header `name` (any case), trimmed, in order.
+    pub fn header_all(&self, name: &str) -> Vec<String> {
+        self.head
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .filter(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim().to_string())
+            .collect()
+    }
+
+    /// The first value of header `name` (any case), trimmed.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.header_all(name).into_iter().next()
+    }
+}
+
 /// Reads one request (head and Content-Length body; chunked request bodies are not
 /// supported here) from `stream`. `None` when the peer closed before a request.
 pub async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<RawRequest> {
