@@ -8,7 +8,7 @@
 //! assertions are causal (who got which request, which state a backend is in), never
 //! durations.
 
-mod common;
+mod support;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -18,12 +18,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::*;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming};
 use proxy::upstream::backend::Backend;
 use proxy::upstream::Upstream;
+use support::*;
 use testkit::client::{full, http_client, BoxError, HttpClient, TkBody};
 use testkit::sse::read_events;
 use testkit::vllm::{VllmConfig, VllmSim};

@@ -6,17 +6,17 @@
 //! The simulator counts a generation as cancelled when its peer (podproxy) goes away before
 //! it ended. Every wait is event-driven and bounded by `WAIT`.
 
-mod common;
+mod support;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
 use http::{Request, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use support::*;
 use testkit::client::{full, http_client, TkBody};
 use testkit::sse::read_events;
 use testkit::vllm::{VllmConfig, VllmSim};

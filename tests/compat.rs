@@ -1,10 +1,8 @@
 //! Gonka as it runs today: FastAPI's strict Content-Type, side-by-side mlnode versions,
 //! PoC v2 callbacks, the DAPI's base-URL mode with a token, and trace headers.
 
-mod common;
 mod support;
 
-use common::*;
 use http::Request;
 use support::*;
 use testkit::client::{empty, full, http_client};
@@ -139,25 +137,14 @@ async fn only_header_less_json_bodies_get_the_header_and_each_is_counted() {
         assert_eq!(got.body_str(), body);
     }
 
-    let metrics = admin_get(proxy.admin.unwrap(), "/metrics").await;
-    assert!(
-        metrics.contains("podproxy_content_type_added_total{listener=\"main\"} 2"),
-        "{metrics}"
+    let s = metrics::scrape(proxy.admin.unwrap()).await;
+    assert_eq!(
+        s.get("podproxy_content_type_added_total", &[("listener", "main")]),
+        Some(2.0),
+        "{}",
+        s.text
     );
     proxy.shutdown().await;
-}
-
-/// `GET path` on the admin API, body as text.
-async fn admin_get(addr: std::net::SocketAddr, path: &str) -> String {
-    let (parts, body) = send(
-        &http_client(),
-        Request::get(format!("http://{addr}{path}"))
-            .body(empty())
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(parts.status, 200);
-    String::from_utf8_lossy(&body).into_owned()
 }
 
 /// Reads a chunked body off `stream` (after the head), returning the data.
@@ -277,22 +264,11 @@ async fn a_poc_body_without_content_type_is_rewritten_and_typed() {
     );
     // Received bytes are what the client sent, not the rewritten body (the exchange is
     // recorded when its response body ends, just after the client has it).
-    let line = format!(
-        "podproxy_received_bytes_total{{listener=\"poc\"}} {}",
-        body.len()
-    );
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let metrics = admin_get(proxy.admin.unwrap(), "/metrics").await;
-        if metrics.contains(&line) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{line} not in:\n{metrics}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let received = body.len() as f64;
+    metrics::scrape_until(proxy.admin.unwrap(), "the received bytes counted", |s| {
+        s.get("podproxy_received_bytes_total", &[("listener", "poc")]) == Some(received)
+    })
+    .await;
     proxy.shutdown().await;
 }
 
@@ -390,15 +366,7 @@ async fn trace_headers_pass_through_both_ways_unchanged() {
     let backend = RawBackend::start(|mut s| async move {
         let mut buf = Vec::new();
         while let Some(req) = read_request(&mut s, &mut buf).await {
-            let pick = |name: &str| {
-                req.head
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
-                    })
-                    .unwrap_or_default()
-            };
+            let pick = |name: &str| req.header(name).unwrap_or_default();
             let resp = format!(
                 "HTTP/1.1 200 OK\r\ntraceparent: {}\r\ntracestate: {}\r\nx-request-id: {}\r\nContent-Length: 0\r\n\r\n",
                 pick("traceparent"),

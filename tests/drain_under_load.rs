@@ -1,10 +1,10 @@
 //! Graceful paths under load (issue #9 item 7): shutdown while 200 SSE streams are in
 //! flight lets every one of them finish cleanly within the grace period.
 
-mod common;
-use common::*;
+mod support;
 use http_body_util::BodyExt;
 use std::time::Duration;
+use support::*;
 use testkit::vllm::{VllmConfig, VllmSim};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

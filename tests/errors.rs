@@ -2,10 +2,8 @@
 //! small JSON bodies with the right status, aborted streams, and no error where a
 //! legitimate Gonka call merely takes long or meets a closing keepalive connection.
 
-mod common;
 mod support;
 
-use common::*;
 use http::Request;
 use http_body_util::BodyExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -372,13 +370,9 @@ async fn a_lost_keepalive_race_with_reset_does_not_eject_the_backend() {
 #[tokio::test]
 async fn default_timeouts_never_cut_a_long_gonka_call() {
     // The shipped defaults, as `podproxy check` reports them.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_podproxy"))
-        .args(["check", "--skip-bind"])
-        .env_remove("PODPROXY_CONFIG")
-        .output()
-        .expect("run podproxy check");
-    assert!(out.status.success(), "{out:?}");
-    let text = String::from_utf8_lossy(&out.stdout);
+    let out = check(None);
+    assert!(out.success(), "{out:?}");
+    let text = &out.stdout;
     let setting = |name: &str| -> Vec<String> {
         text.lines()
             .filter_map(|l| l.trim().strip_prefix(&format!("{name} = ")))

@@ -1,73 +1,22 @@
 //! Every shipped config (embedded default, config/examples/*.toml and the compose deployment's
 //! deploy/compose/*.toml) passes `podproxy check`.
 
-use std::process::Command;
+mod support;
 
-/// Gonka-style certificates made by openssl exactly as gen-mlnode-certs.sh makes them, once
-/// per test run, for the examples that reference certificate files.
-fn cert_dir() -> &'static str {
-    static DIR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir =
-            std::env::temp_dir().join(format!("podproxy-example-certs-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("cert dir");
-        for name in ["dapi", "mlnode"] {
-            let status = Command::new("openssl")
-                .args([
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:P-256",
-                    "-nodes",
-                    "-days",
-                    "36500",
-                ])
-                .arg("-subj")
-                .arg(format!("/CN=gonka-{name}"))
-                .args([
-                    "-addext",
-                    "subjectAltName=DNS:api,DNS:localhost,IP:127.0.0.1",
-                ])
-                .args(["-addext", "basicConstraints=critical,CA:TRUE"])
-                .args(["-addext", "keyUsage=critical,digitalSignature,keyCertSign"])
-                .args(["-addext", "extendedKeyUsage=serverAuth,clientAuth"])
-                .arg("-keyout")
-                .arg(dir.join(format!("{name}.key")))
-                .arg("-out")
-                .arg(dir.join(format!("{name}.crt")))
-                .stderr(std::process::Stdio::null())
-                .status()
-                .expect("openssl");
-            assert!(status.success(), "openssl req failed");
-        }
-        dir.to_string_lossy().into_owned()
-    })
-}
+use std::path::Path;
+use support::*;
 
-fn check(path: Option<&str>) -> (bool, String, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_podproxy"));
-    if let Some(p) = path {
-        cmd.args(["check", "--skip-bind", "--config", p]);
-    } else {
-        cmd.args(["check", "--skip-bind"]);
-    }
-    let out = cmd
-        .env_remove("PODPROXY_CONFIG")
+/// `podproxy check` with the variables the examples read set (certificate files: the
+/// Gonka-style ones of `support::tls`, made by openssl as gen-mlnode-certs.sh makes them).
+fn check_example(path: Option<&Path>) -> Ran {
+    Podproxy::new()
         .env("NETWORK_NODE_CALLBACK", "http://203.0.113.7:9100")
         .env("NETWORK_NODE", "203.0.113.7")
         .env("NETWORK_NODE_CIDR", "203.0.113.7/32")
         .env("PODPROXY_TOKEN", "0123456789abcdef0123456789abcdef")
         .env("RUNPOD_ID", "e6rbg7z3qyr7a4")
-        .env("CERT_DIR", cert_dir())
-        .output()
-        .expect("run podproxy check");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+        .env("CERT_DIR", &support::tls::material().dir)
+        .check(path)
 }
 
 /// Runs `check` on every `.toml` in `dir` (relative to the repository): each must pass and
@@ -80,9 +29,14 @@ fn check_every_toml_in(dir: &str, needle: &str) -> Vec<std::path::PathBuf> {
         if path.extension().and_then(|e| e.to_str()) != Some("toml") {
             continue;
         }
-        let (ok, stdout, stderr) = check(path.to_str());
-        assert!(ok, "{}: {stderr}", path.display());
-        assert!(stdout.contains(needle), "{}: {stdout}", path.display());
+        let out = check_example(Some(&path));
+        assert!(out.success(), "{}: {}", path.display(), out.stderr);
+        assert!(
+            out.stdout.contains(needle),
+            "{}: {}",
+            path.display(),
+            out.stdout
+        );
         checked.push(path);
     }
     checked
@@ -90,8 +44,8 @@ fn check_every_toml_in(dir: &str, needle: &str) -> Vec<std::path::PathBuf> {
 
 #[test]
 fn embedded_default_and_examples_pass_check() {
-    let (ok, stdout, stderr) = check(None);
-    assert!(ok, "embedded default: {stderr}");
+    let (status, stdout, stderr) = check_example(None).parts();
+    assert!(status.success(), "embedded default: {stderr}");
     assert!(
         stdout.contains("0.0.0.0:8080") && stdout.contains("0.0.0.0:5050"),
         "{stdout}"
@@ -106,18 +60,16 @@ fn embedded_default_and_examples_pass_check() {
 
 #[test]
 fn example_needing_a_variable_names_it_when_unset() {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/config/examples/pod-front-8gpu.toml"
-    );
-    let out = Command::new(env!("CARGO_BIN_EXE_podproxy"))
-        .args(["check", "--skip-bind", "--config", path])
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples/pod-front-8gpu.toml");
+    let out = Podproxy::new()
         .env_remove("NETWORK_NODE_CALLBACK")
-        .output()
-        .expect("run podproxy check");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("NETWORK_NODE_CALLBACK"), "{stderr}");
+        .check(Some(&path));
+    assert!(!out.success());
+    assert!(
+        out.stderr.contains("NETWORK_NODE_CALLBACK"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]

@@ -3,10 +3,8 @@
 //! Every case ends in a defined status or an aborted response, never a hang, podproxy keeps
 //! serving, and its in-flight counters return to zero.
 
-mod common;
 mod support;
 
-use common::*;
 use std::time::Duration;
 use support::*;
 use testkit::echo::EchoServer;

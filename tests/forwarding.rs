@@ -1,10 +1,8 @@
 //! What reaches the upstream, and what comes back: raw paths, version prefixes, header
 //! rules, bodies and statuses.
 
-mod common;
 mod support;
 
-use common::*;
 use http::Request;
 use std::time::Duration;
 use support::*;

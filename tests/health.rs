@@ -1,33 +1,14 @@
 //! What podproxy says about its backends from the first moment: the first health round
 //! decides, and readiness waits for it.
 
-mod common;
 mod support;
 
-use common::*;
-use http::Request;
 use serde_json::Value;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use support::*;
-use testkit::client::{empty, http_client};
 use testkit::vllm::{VllmConfig, VllmSim};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
-
-async fn admin_json(addr: SocketAddr, path: &str) -> (u16, Value) {
-    let (parts, body) = send(
-        &http_client(),
-        Request::get(format!("http://{addr}{path}"))
-            .body(empty())
-            .unwrap(),
-    )
-    .await;
-    (
-        parts.status.as_u16(),
-        serde_json::from_slice(&body).unwrap(),
-    )
-}
 
 fn config(urls: &str, health: &str) -> String {
     format!(
@@ -47,26 +28,21 @@ async fn a_backend_whose_first_probe_fails_is_down_from_the_start() {
     // One round a minute: three failed rounds would take three minutes.
     let proxy = Proxy::start(&config(&urls, "interval = \"60s\", failures = 3")).await;
     let admin = proxy.admin.unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let healthy = loop {
-        let (_, b) = admin_json(admin, "/backends").await;
-        let healthy: Vec<bool> = b["upstreams"][0]["backends"]
+    let healthy_of = |b: &Value| -> Vec<bool> {
+        b["upstreams"][0]["backends"]
             .as_array()
             .unwrap()
             .iter()
             .map(|b| b["healthy"].as_bool().unwrap())
-            .collect();
-        if healthy.iter().filter(|h| **h).count() == 1 {
-            break healthy;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "still {healthy:?} after the first round"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            .collect()
     };
+    let b = admin_until(admin, "/backends", None, "the first round", |_, b| {
+        healthy_of(b).iter().filter(|h| **h).count() == 1
+    })
+    .await;
+    let healthy = healthy_of(&b);
     assert_eq!(healthy, [true, false, false, false]);
-    let (status, r) = admin_json(admin, "/readyz").await;
+    let (status, r) = admin_json(admin, "/readyz", None).await;
     assert_eq!(status, 200, "{r}");
     proxy.shutdown().await;
 }
@@ -97,18 +73,10 @@ async fn readiness_waits_for_the_first_health_round() {
     ))
     .await;
     let admin = proxy.admin.unwrap();
-    let (status, r) = admin_json(admin, "/readyz").await;
+    let (status, r) = admin_json(admin, "/readyz", None).await;
     assert_eq!(status, 503, "ready before any health check answered: {r}");
     assert_eq!(r["not_ready"], serde_json::json!(["vllm"]));
     release.notify_one();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (status, _) = admin_json(admin, "/readyz").await;
-        if status == 200 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never ready");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    admin_until(admin, "/readyz", None, "ready", |status, _| status == 200).await;
     proxy.shutdown().await;
 }

@@ -8,10 +8,8 @@
 //! - download: `GET /bytes/N` — the client hashes what arrives and compares with
 //!   `pattern_sha256(BYTES_SEED, N)`.
 
-mod common;
 mod support;
 
-use common::*;
 use http::Request;
 use http_body_util::BodyExt;
 use std::time::Duration;

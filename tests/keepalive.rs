@@ -4,10 +4,8 @@
 //! parked when it cannot take another request (`Connection: close`, abandoned body).
 //! The backends are raw TCP servers that count their connections and report each close.
 
-mod common;
 mod support;
 
-use common::*;
 use http::Request;
 use http_body_util::BodyExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -305,14 +303,7 @@ async fn abandoned_stream_closes_its_upstream_connection() {
 #[tokio::test]
 async fn request_without_host_gets_the_backends_authority() {
     let backend = counted_backend(|req| {
-        let host = req
-            .head
-            .lines()
-            .filter_map(|l| l.split_once(':'))
-            .filter(|(k, _)| k.trim().eq_ignore_ascii_case("host"))
-            .map(|(_, v)| v.trim().to_string())
-            .collect::<Vec<_>>()
-            .join("|");
+        let host = req.header_all("host").join("|");
         vec![format!(
             "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{host}",
             host.len()

@@ -4,15 +4,13 @@
 //! moves it; with the feature off (or the signals unavailable) the choice is exactly
 //! today's least outstanding requests. No timing is asserted: only where requests went.
 
-mod common;
 mod support;
 
-use common::*;
 use http::{Method, Request, StatusCode};
 use serde_json::{json, Value};
 use std::time::Duration;
 use support::*;
-use testkit::client::{empty, full, http_client, HttpClient};
+use testkit::client::{full, http_client, HttpClient};
 use testkit::gpu::GpuConfig;
 use testkit::vllm::{VllmConfig, VllmSim};
 
@@ -189,15 +187,6 @@ async fn without_balance_requests_rotate_exactly_as_before() {
     }
 }
 
-async fn admin_get(addr: std::net::SocketAddr, path: &str) -> String {
-    let req = Request::get(format!("http://{addr}{path}"))
-        .body(empty())
-        .unwrap();
-    let (parts, body) = send(&http_client(), req).await;
-    assert_eq!(parts.status, StatusCode::OK);
-    String::from_utf8_lossy(&body).into_owned()
-}
-
 #[tokio::test]
 async fn backends_and_metrics_show_the_signals_their_age_and_scrape_errors() {
     let gpu = VllmSim::start(gpu_sim_config(1)).await.unwrap();
@@ -231,41 +220,43 @@ async fn backends_and_metrics_show_the_signals_their_age_and_scrape_errors() {
     );
     assert_eq!(up["affinity"]["hits"], 0, "{v}");
 
-    let text = admin_get(admin, "/metrics").await;
-    let gpu_label = format!("backend=\"{}\"", gpu.url());
-    let plain_label = format!("backend=\"{}\"", plain.url());
-    let line = |name: &str, label: &str| {
-        text.lines()
-            .find(|l| l.starts_with(name) && l.contains(label))
-            .map(str::to_owned)
-    };
-    assert!(
-        line("podproxy_backend_engine_running{", &gpu_label).is_some_and(|l| l.ends_with(" 1.0")),
-        "{text}"
+    let s = metrics::scrape(admin).await;
+    let (gpu_url, plain_url) = (gpu.url(), plain.url());
+    let of = |backend: &str, name: &str| s.get(name, &[("upstream", "u"), ("backend", backend)]);
+    assert_eq!(
+        of(&gpu_url, "podproxy_backend_engine_running"),
+        Some(1.0),
+        "{}",
+        s.text
     );
+    for name in [
+        "podproxy_backend_engine_waiting",
+        "podproxy_backend_engine_kv_usage",
+        "podproxy_backend_signals_age_seconds",
+    ] {
+        assert!(of(&gpu_url, name).is_some(), "{name}: {}", s.text);
+    }
     assert!(
-        line("podproxy_backend_engine_waiting{", &gpu_label).is_some(),
-        "{text}"
-    );
-    assert!(
-        line("podproxy_backend_engine_kv_usage{", &gpu_label).is_some(),
-        "{text}"
-    );
-    assert!(
-        line("podproxy_backend_signals_age_seconds{", &gpu_label).is_some(),
-        "{text}"
-    );
-    assert!(
-        line(
-            "podproxy_backend_scrape_errors_total{",
-            &format!("{plain_label},kind=\"status\"")
+        s.get(
+            "podproxy_backend_scrape_errors_total",
+            &[
+                ("upstream", "u"),
+                ("backend", &plain_url),
+                ("kind", "status")
+            ]
         )
-        .is_some_and(|l| !l.ends_with(" 0")),
-        "{text}"
+        .is_some_and(|v| v != 0.0),
+        "{}",
+        s.text
     );
-    assert!(
-        text.contains("podproxy_affinity_decisions_total{upstream=\"u\",outcome=\"hit\"} 0"),
-        "{text}"
+    assert_eq!(
+        s.get(
+            "podproxy_affinity_decisions_total",
+            &[("upstream", "u"), ("outcome", "hit")]
+        ),
+        Some(0.0),
+        "{}",
+        s.text
     );
     for h in held {
         h.abort();

@@ -6,11 +6,9 @@
 //!   `inference/up` carried out as `up/async` + `up/status` polls, every outcome.
 //! - `sse_keepalive` on the pod front: a streaming chat whose first token outlasts the hop.
 
-mod common;
 mod support;
 
 use bytes::Bytes;
-use common::*;
 use http::Request;
 use http_body_util::BodyExt;
 use std::time::Duration;
@@ -66,14 +64,16 @@ fn targets(sim: &MlnodeSim) -> Vec<String> {
     sim.recorder().all().into_iter().map(|r| r.target).collect()
 }
 
-async fn metrics(proxy: &Proxy) -> String {
-    let admin = proxy.admin.expect("admin listener");
-    raw_exchange(
-        admin,
-        b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+async fn scrape(proxy: &Proxy) -> metrics::Scrape {
+    metrics::scrape(proxy.admin.expect("admin listener")).await
+}
+
+/// `podproxy_long_call_outcomes_total` of upstream `pod` for `outcome`.
+fn outcomes(m: &metrics::Scrape, outcome: &str) -> Option<f64> {
+    m.get(
+        "podproxy_long_call_outcomes_total",
+        &[("upstream", "pod"), ("outcome", outcome)],
     )
-    .await
-    .body_str()
 }
 
 fn json(b: &[u8]) -> serde_json::Value {
@@ -118,18 +118,21 @@ async fn a_synchronous_inference_up_whose_start_outlasts_the_hop_returns_ok_thro
         Some(hop.addr().to_string().as_str())
     );
 
-    let m = metrics(&proxy).await;
-    assert!(
-        m.contains("podproxy_long_calls_started_total{upstream=\"pod\"} 1"),
-        "{m}"
+    let m = scrape(&proxy).await;
+    let upstream = &[("upstream", "pod")];
+    assert_eq!(
+        m.get("podproxy_long_calls_started_total", upstream),
+        Some(1.0),
+        "{}",
+        m.text
     );
-    assert!(
-        m.contains("podproxy_long_call_outcomes_total{upstream=\"pod\",outcome=\"completed\"} 1"),
-        "{m}"
+    assert_eq!(outcomes(&m, "completed"), Some(1.0), "{}", m.text);
+    assert_eq!(
+        m.get("podproxy_long_call_polls_total", upstream),
+        Some(polls as f64),
+        "{}",
+        m.text
     );
-    assert!(m.contains(&format!(
-        "podproxy_long_call_polls_total{{upstream=\"pod\"}} {polls}"
-    )));
 }
 
 #[tokio::test]
@@ -227,11 +230,8 @@ async fn a_concurrent_start_returns_the_mlnodes_409_and_its_body() {
         .as_str()
         .unwrap()
         .contains("already in progress"));
-    let m = metrics(&proxy).await;
-    assert!(
-        m.contains("podproxy_long_call_outcomes_total{upstream=\"pod\",outcome=\"conflict\"} 1"),
-        "{m}"
-    );
+    let m = scrape(&proxy).await;
+    assert_eq!(outcomes(&m, "conflict"), Some(1.0), "{}", m.text);
 }
 
 /// Waits until the mlnode has answered `n` status polls.
@@ -342,10 +342,7 @@ async fn when_the_dapi_goes_away_the_start_is_followed_to_its_end() {
     // The polls go on until the mlnode says completed, and the outcome is counted.
     bounded("outcome", async {
         loop {
-            let m = metrics(&proxy).await;
-            if m.contains(
-                "podproxy_long_call_outcomes_total{upstream=\"pod\",outcome=\"completed\"} 1",
-            ) {
+            if outcomes(&scrape(&proxy).await, "completed") == Some(1.0) {
                 return;
             }
             sim.recorder()
@@ -460,16 +457,19 @@ async fn a_streaming_chat_whose_first_token_outlasts_the_hop_arrives_whole_with_
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
     assert_eq!(hop.cut(), 0);
     assert_eq!(vllm.stats().streams_completed(), 1);
-    let m = metrics(&pod).await;
-    assert!(
-        m.contains(&format!(
-            "podproxy_sse_keepalives_total{{upstream=\"vllm\"}} {keepalives}"
-        )),
-        "{m}"
+    let m = scrape(&pod).await;
+    let upstream = &[("upstream", "vllm")];
+    assert_eq!(
+        m.get("podproxy_sse_keepalives_total", upstream),
+        Some(keepalives as f64),
+        "{}",
+        m.text
     );
-    assert!(
-        m.contains("podproxy_sse_keepalive_streams_total{upstream=\"vllm\"} 1"),
-        "{m}"
+    assert_eq!(
+        m.get("podproxy_sse_keepalive_streams_total", upstream),
+        Some(1.0),
+        "{}",
+        m.text
     );
 }
 

@@ -4,10 +4,8 @@
 //! reached it: no smuggled second request, bodies exactly as podproxy framed them. After
 //! every case a normal request on a new connection still works.
 
-mod common;
 mod support;
 
-use common::*;
 use support::*;
 use testkit::echo::EchoServer;
 use testkit::Recorded;

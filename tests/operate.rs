@@ -9,14 +9,10 @@
 //! Metrics are recorded when an exchange ends (its response body is over), which can be a
 //! moment after the client saw the end: counts are awaited (bounded), never assumed.
 
-mod common;
 mod support;
 
-use common::*;
-use http::{HeaderMap, Method, Request, StatusCode};
+use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
-use proxy::reload::{ConfigSource, Reloader};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -24,276 +20,19 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use support::metrics::{scrape, scrape_until, scrape_with, Scrape};
 use support::*;
-use testkit::client::{empty, full, http_client, HttpClient, TkBody};
+use testkit::client::{empty, full, http_client, TkBody};
 use testkit::echo::EchoServer;
 use testkit::mlnode::{MlnodeConfig, MlnodeSim};
 use testkit::vllm::{VllmConfig, VllmSim};
-use tokio::sync::oneshot;
 
 // ---------------------------------------------------------------------------------------
-// Prometheus exposition
+// Request helpers (admin API and `/metrics` scrapes: `support::admin`, `support::metrics`)
 // ---------------------------------------------------------------------------------------
-
-#[derive(Debug)]
-struct Sample {
-    name: String,
-    labels: Vec<(String, String)>,
-    value: f64,
-}
-
-/// One `/metrics` scrape, parsed.
-struct Scrape {
-    text: String,
-    samples: Vec<Sample>,
-}
-
-impl Scrape {
-    fn parse(text: String) -> Scrape {
-        let samples = text
-            .lines()
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .map(parse_sample)
-            .collect();
-        Scrape { text, samples }
-    }
-
-    /// Sum of the samples named `name` whose labels include `labels`; `None` if none does.
-    fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let matching: Vec<f64> = self
-            .samples
-            .iter()
-            .filter(|s| s.name == name)
-            .filter(|s| {
-                labels
-                    .iter()
-                    .all(|(k, v)| s.labels.iter().any(|(sk, sv)| sk == k && sv == v))
-            })
-            .map(|s| s.value)
-            .collect();
-        (!matching.is_empty()).then(|| matching.iter().sum())
-    }
-
-    /// Like `get`, but the series must exist.
-    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.get(name, labels)
-            .unwrap_or_else(|| panic!("no sample {name}{labels:?} in:\n{}", self.text))
-    }
-
-    /// The sample lines only (no `# HELP` / `# TYPE` text).
-    fn series(&self) -> String {
-        self.text
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    fn names(&self) -> BTreeSet<&str> {
-        self.samples.iter().map(|s| s.name.as_str()).collect()
-    }
-}
-
-/// `name{k="v",...} value` (OpenMetrics text; label values may contain escapes).
-fn parse_sample(line: &str) -> Sample {
-    let name_end = line
-        .find(['{', ' '])
-        .unwrap_or_else(|| panic!("bad line {line:?}"));
-    let name = line[..name_end].to_string();
-    let mut labels = Vec::new();
-    let mut rest = &line[name_end..];
-    if let Some(body) = rest.strip_prefix('{') {
-        let b = body.as_bytes();
-        let mut i = 0;
-        loop {
-            match b.get(i) {
-                Some(b'}') => break,
-                Some(b',') => i += 1,
-                Some(_) => {
-                    let eq = i + body[i..].find('=').expect("label =");
-                    let key = body[i..eq].to_string();
-                    assert_eq!(b[eq + 1], b'"', "label value not quoted: {line:?}");
-                    let mut j = eq + 2;
-                    let mut value = Vec::new();
-                    while b[j] != b'"' {
-                        if b[j] == b'\\' {
-                            j += 1;
-                            value.push(if b[j] == b'n' { b'\n' } else { b[j] });
-                        } else {
-                            value.push(b[j]);
-                        }
-                        j += 1;
-                    }
-                    labels.push((key, String::from_utf8_lossy(&value).into_owned()));
-                    i = j + 1;
-                }
-                None => panic!("unterminated label set: {line:?}"),
-            }
-        }
-        rest = &body[i + 1..];
-    }
-    let value = rest
-        .split_whitespace()
-        .next()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("bad value in {line:?}"));
-    Sample {
-        name,
-        labels,
-        value,
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Admin API and request helpers
-// ---------------------------------------------------------------------------------------
-
-/// One admin request on a fresh connection: status, headers and body text.
-async fn admin(
-    addr: SocketAddr,
-    method: Method,
-    path: &str,
-    token: Option<&str>,
-) -> (StatusCode, HeaderMap, String) {
-    let mut req = Request::builder()
-        .method(method)
-        .uri(format!("http://{addr}{path}"));
-    if let Some(t) = token {
-        req = req.header("authorization", format!("Bearer {t}"));
-    }
-    let (parts, body) = send(&http_client(), req.body(empty()).unwrap()).await;
-    (
-        parts.status,
-        parts.headers,
-        String::from_utf8_lossy(&body).into_owned(),
-    )
-}
-
-/// GET an admin endpoint that answers JSON.
-async fn admin_json(addr: SocketAddr, path: &str, token: Option<&str>) -> (StatusCode, Value) {
-    let (status, _, body) = admin(addr, Method::GET, path, token).await;
-    let v =
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path} is not JSON ({e}): {body}"));
-    (status, v)
-}
-
-/// Polls a JSON admin endpoint (bounded by `WAIT`) until `pred` holds; returns the last answer.
-async fn admin_until(
-    addr: SocketAddr,
-    path: &str,
-    token: Option<&str>,
-    what: &str,
-    pred: impl Fn(StatusCode, &Value) -> bool,
-) -> Value {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (status, v) = admin_json(addr, path, token).await;
-        if pred(status, &v) {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {path} answers {status} {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-async fn scrape_with(addr: SocketAddr, token: Option<&str>) -> Scrape {
-    let (status, headers, text) = admin(addr, Method::GET, "/metrics", token).await;
-    assert_eq!(status, StatusCode::OK, "{text}");
-    let ct = headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    assert!(ct.starts_with("application/openmetrics-text"), "{ct}");
-    assert!(
-        text.ends_with("# EOF\n"),
-        "exposition not terminated:\n{text}"
-    );
-    Scrape::parse(text)
-}
-
-async fn scrape(addr: SocketAddr) -> Scrape {
-    scrape_with(addr, None).await
-}
-
-/// Scrapes (bounded by `WAIT`) until `pred` holds: metrics are recorded when an exchange
-/// ends, a moment after the client saw its end.
-async fn scrape_until(addr: SocketAddr, what: &str, pred: impl Fn(&Scrape) -> bool) -> Scrape {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let s = scrape(addr).await;
-        if pred(&s) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}:\n{}",
-            s.text
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
 
 fn get(url: String) -> Request<TkBody> {
     Request::get(url).body(empty()).unwrap()
-}
-
-fn chat_json(tokens: usize) -> String {
-    format!(
-        r#"{{"model":"Qwen/Qwen3-32B-FP8","stream":true,"max_tokens":{tokens},"messages":[{{"role":"user","content":"hi"}}]}}"#
-    )
-}
-
-fn chat(url: String, tokens: usize, interval_ms: u64) -> Request<TkBody> {
-    Request::post(url)
-        .header("content-type", "application/json")
-        .header("x-sim-interval-ms", interval_ms.to_string())
-        .body(full(chat_json(tokens)))
-        .unwrap()
-}
-
-/// Sends a streaming request and returns the response head and body once the first event
-/// has arrived, with the bytes read so far.
-async fn open_stream(
-    client: &HttpClient,
-    req: Request<TkBody>,
-) -> (http::response::Parts, Incoming, Vec<u8>) {
-    let resp = bounded("stream head", client.request(req))
-        .await
-        .expect("stream request");
-    assert_eq!(resp.status(), StatusCode::OK);
-    let (parts, mut body) = resp.into_parts();
-    let mut seen = Vec::new();
-    while !seen.windows(2).any(|w| w == b"\n\n") {
-        let frame = bounded("first event", body.frame())
-            .await
-            .expect("body ended before the first event")
-            .expect("body failed before the first event");
-        if let Ok(data) = frame.into_data() {
-            seen.extend_from_slice(&data);
-        }
-    }
-    (parts, body, seen)
-}
-
-/// Reads the rest of a body (bounded): `Ok(all bytes)` on a clean end, `Err` if aborted.
-async fn read_rest(mut body: Incoming, mut seen: Vec<u8>) -> Result<String, String> {
-    bounded("stream end", async {
-        while let Some(frame) = body.frame().await {
-            match frame {
-                Ok(f) => {
-                    if let Ok(d) = f.into_data() {
-                        seen.extend_from_slice(&d);
-                    }
-                }
-                Err(e) => return Err(format!("{e} after {} bytes", seen.len())),
-            }
-        }
-        Ok(String::from_utf8_lossy(&seen).into_owned())
-    })
-    .await
 }
 
 /// A complete, clean vLLM stream: token events with seq 0..tokens in order, then `[DONE]`.
@@ -334,119 +73,27 @@ async fn served_by(base: &str, path: &str, a: &EchoServer, b: &EchoServer) -> ch
     }
 }
 
-/// Bounded wait for a connection attempt to `addr` to be refused (its listener closed).
-async fn wait_refused(addr: SocketAddr) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match tokio::net::TcpStream::connect(addr).await {
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return,
-            _ => {}
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{addr} still accepts connections"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+/// podproxy in process from `toml` written to `<name>.toml` in the test's scratch folder:
+/// `POST /reload` and the reloader (what SIGHUP uses) read that file again.
+async fn start_reloadable(name: &str, toml: &str) -> Proxy {
+    let proxy = Proxy::start_file(&scratch_file(&format!("{name}.toml"), toml)).await;
+    assert!(proxy.admin.is_some(), "the test config has [admin]");
+    proxy
 }
 
-/// A scratch directory for one test of this process (removed by `Live`'s drop).
-fn scratch_dir(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("operate-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// Writes `toml` over the config file and reloads through `POST /reload`.
+async fn reload(proxy: &Proxy, toml: &str) -> (StatusCode, Value) {
+    proxy.write_config(toml);
+    let (status, _, body) = admin(proxy.admin.unwrap(), Method::POST, "/reload", None).await;
+    let v = serde_json::from_str(&body)
+        .unwrap_or_else(|e| panic!("/reload answer is not JSON ({e}): {body}"));
+    (status, v)
 }
 
-// ---------------------------------------------------------------------------------------
-// A reloadable podproxy (ConfigSource::File), in process
-// ---------------------------------------------------------------------------------------
-
-/// podproxy started from a config file, so `POST /reload` and the `Reloader` (what SIGHUP
-/// uses) read that file again. Dropping it aborts the server.
-struct Live {
-    dir: PathBuf,
-    path: PathBuf,
-    admin: SocketAddr,
-    addrs: Vec<(String, SocketAddr)>,
-    reloader: Reloader,
-    _stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Live {
-    async fn start(name: &str, toml: &str) -> Live {
-        proxy::logging::init(
-            proxy::config::LogFormat::Text,
-            &proxy::logging::effective_level(None, "off"),
-        );
-        let dir = scratch_dir(name);
-        let path = dir.join("podproxy.toml");
-        std::fs::write(&path, toml).unwrap();
-        let config = proxy::Config::load(Some(&path))
-            .unwrap_or_else(|e| panic!("bad test config: {e}\n{toml}"));
-        let server = proxy::Server::bind(&config)
-            .await
-            .expect("bind")
-            .with_source(ConfigSource::File(path.clone()));
-        let addrs = config
-            .listeners
-            .iter()
-            .map(|l| (l.name.clone(), server.local_addr(&l.name).expect("addr")))
-            .collect();
-        let admin = server.admin_addr().expect("the test config has [admin]");
-        let reloader = server.reloader();
-        let (stop, rx) = oneshot::channel();
-        let task = tokio::spawn(server.run(async {
-            let _ = rx.await;
-        }));
-        Live {
-            dir,
-            path,
-            admin,
-            addrs,
-            reloader,
-            _stop: stop,
-            task,
-        }
-    }
-
-    /// A listener of the initial config (bound at start).
-    fn url(&self, listener: &str) -> String {
-        let addr = self
-            .addrs
-            .iter()
-            .find(|(n, _)| n == listener)
-            .map(|(_, a)| *a)
-            .unwrap_or_else(|| panic!("no listener {listener}"));
-        format!("http://{addr}")
-    }
-
-    fn write(&self, toml: &str) {
-        std::fs::write(&self.path, toml).unwrap();
-    }
-
-    /// Writes `toml` over the config file and reloads through `POST /reload`.
-    async fn reload(&self, toml: &str) -> (StatusCode, Value) {
-        self.write(toml);
-        let (status, _, body) = admin(self.admin, Method::POST, "/reload", None).await;
-        let v = serde_json::from_str(&body)
-            .unwrap_or_else(|e| panic!("/reload answer is not JSON ({e}): {body}"));
-        (status, v)
-    }
-
-    /// Writes `toml` and reloads through the `Reloader` (the path SIGHUP takes).
-    async fn reload_direct(&self, toml: &str) -> Result<(), String> {
-        self.write(toml);
-        bounded("reload", self.reloader.reload()).await
-    }
-}
-
-impl Drop for Live {
-    fn drop(&mut self) {
-        self.task.abort();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// Writes `toml` and reloads through the `Reloader` (the path SIGHUP takes).
+async fn reload_direct(proxy: &Proxy, toml: &str) -> Result<(), String> {
+    proxy.write_config(toml);
+    bounded("reload", proxy.reloader.reload()).await
 }
 
 // ---------------------------------------------------------------------------------------
@@ -986,7 +633,11 @@ async fn readiness_backends_and_config_follow_the_backend() {
     // A stream in flight shows on its backend, and is released when it ends.
     let (_, body, seen) = open_stream(
         &client,
-        authed(chat(format!("{base}/v1/chat/completions"), 10, 60)),
+        authed(streaming_chat(
+            format!("{base}/v1/chat/completions"),
+            10,
+            60,
+        )),
     )
     .await;
     let (_, b) = admin_json(addr, "/backends", tok).await;
@@ -1128,7 +779,7 @@ async fn twenty_reloads_under_load_lose_no_request() {
     const RELOADS: usize = 20;
     let a = EchoServer::start().await.unwrap();
     let b = EchoServer::start().await.unwrap();
-    let live = Live::start("load", &one_route_toml(&a.url())).await;
+    let live = start_reloadable("load", &one_route_toml(&a.url())).await;
     let base = live.url("main");
 
     // Clients until the reloads are over: even workers keep one pooled connection, odd
@@ -1199,7 +850,7 @@ async fn twenty_reloads_under_load_lose_no_request() {
         if k == 7 || k == 14 {
             // A bad file in the middle: 422 with the reason, and the old config serves on.
             let (text, reasons) = bad_toml(rejected, &b.url());
-            let (status, v) = live.reload(&text).await;
+            let (status, v) = reload(&live, &text).await;
             assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
             assert_eq!(v["reloaded"], false, "{v}");
             let error = v["error"].as_str().unwrap_or_default();
@@ -1218,7 +869,7 @@ async fn twenty_reloads_under_load_lose_no_request() {
         } else {
             ('a', a.url())
         };
-        let (status, v) = live.reload(&one_route_toml(&url)).await;
+        let (status, v) = reload(&live, &one_route_toml(&url)).await;
         assert_eq!((status, &v), (StatusCode::OK, &json!({"reloaded": true})));
         current = next;
         // New connections get the new upstream at once.
@@ -1254,7 +905,7 @@ async fn twenty_reloads_under_load_lose_no_request() {
     }
 
     // Nothing left in flight once the last exchange is over.
-    let s = scrape_until(live.admin, "every slot released", |s| {
+    let s = scrape_until(live.admin.unwrap(), "every slot released", |s| {
         s.get("podproxy_backend_in_flight", &[]) == Some(0.0)
     })
     .await;
@@ -1287,7 +938,7 @@ async fn a_reload_adds_a_side_by_side_mlnode_version_under_load() {
         "\n  { prefix = \"/v3.0.13/\", upstream = \"mlnode313\", strip_prefix = true, poc = true },",
         &format!("\n[upstreams.mlnode313]\nurls = \"{}\"\n", new.url()),
     );
-    let live = Live::start("side-by-side", &before).await;
+    let live = start_reloadable("side-by-side", &before).await;
     let base = live.url("poc");
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -1334,7 +985,7 @@ async fn a_reload_adds_a_side_by_side_mlnode_version_under_load() {
         count.load(Ordering::SeqCst) >= 8
     })
     .await;
-    let (status, v) = live.reload(&after).await;
+    let (status, v) = reload(&live, &after).await;
     assert_eq!((status, &v), (StatusCode::OK, &json!({"reloaded": true})));
     new.recorder().clear();
     let seen = ok.load(Ordering::SeqCst);
@@ -1364,14 +1015,17 @@ async fn a_reload_adds_a_side_by_side_mlnode_version_under_load() {
 async fn a_stream_started_before_a_reload_finishes_on_its_config() {
     let old = VllmSim::start(VllmConfig::default()).await.unwrap();
     let new = VllmSim::start(VllmConfig::default()).await.unwrap();
-    let live = Live::start("stream", &one_route_toml(&old.url())).await;
+    let live = start_reloadable("stream", &one_route_toml(&old.url())).await;
     let base = live.url("main");
     let client = http_client();
 
     // 30 tokens × 30 ms, still running when the reload lands.
-    let (_, body, seen) =
-        open_stream(&client, chat(format!("{base}/v1/chat/completions"), 30, 30)).await;
-    let (status, v) = live.reload(&one_route_toml(&new.url())).await;
+    let (_, body, seen) = open_stream(
+        &client,
+        streaming_chat(format!("{base}/v1/chat/completions"), 30, 30),
+    )
+    .await;
+    let (status, v) = reload(&live, &one_route_toml(&new.url())).await;
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(
         old.stats().streams_completed(),
@@ -1384,7 +1038,7 @@ async fn a_stream_started_before_a_reload_finishes_on_its_config() {
     assert_eq!(parts.status, StatusCode::OK);
     let (_, body2, seen2) = open_stream(
         &http_client(),
-        chat(format!("{base}/v1/chat/completions"), 5, 5),
+        streaming_chat(format!("{base}/v1/chat/completions"), 5, 5),
     )
     .await;
     assert_complete_stream(&read_rest(body2, seen2).await.unwrap(), 5);
@@ -1418,7 +1072,7 @@ async fn a_stream_started_before_a_reload_finishes_on_its_config() {
 async fn a_reload_reaches_requests_on_open_keepalive_connections() {
     let a = EchoServer::start().await.unwrap();
     let b = EchoServer::start().await.unwrap();
-    let live = Live::start("keepalive", &one_route_toml(&a.url())).await;
+    let live = start_reloadable("keepalive", &one_route_toml(&a.url())).await;
     let base = live.url("main");
     let addr: SocketAddr = base.trim_start_matches("http://").parse().unwrap();
 
@@ -1427,7 +1081,7 @@ async fn a_reload_reaches_requests_on_open_keepalive_connections() {
     assert_eq!(conn.response().await.status, 200);
     assert!(received(&a.recorder(), "/before"));
 
-    let (status, v) = live.reload(&one_route_toml(&b.url())).await;
+    let (status, v) = reload(&live, &one_route_toml(&b.url())).await;
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(served_by(&base, "/fresh", &a, &b).await, 'b');
 
@@ -1453,7 +1107,7 @@ async fn a_reload_revokes_tokens_on_open_connections() {
         one_route_toml(&echo.url())
             .replace("routes = [", &format!("tokens = [\"{token}\"]\nroutes = ["))
     };
-    let live = Live::start("revoke", &toml(OLD)).await;
+    let live = start_reloadable("revoke", &toml(OLD)).await;
     let addr: SocketAddr = live
         .url("main")
         .trim_start_matches("http://")
@@ -1465,7 +1119,7 @@ async fn a_reload_revokes_tokens_on_open_connections() {
     conn.send(request.as_bytes()).await;
     assert_eq!(conn.response().await.status, 200);
 
-    let (status, v) = live.reload(&toml(NEW)).await;
+    let (status, v) = reload(&live, &toml(NEW)).await;
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(raw_exchange(addr, request.as_bytes()).await.status, 401);
 
@@ -1512,12 +1166,12 @@ async fn reload_adds_and_removes_listeners() {
     let extra = SocketAddr::from(([127, 0, 0, 1], port));
     let one = listeners_toml(&vllm.url(), None);
     let two = listeners_toml(&vllm.url(), Some(port));
-    let live = Live::start("listeners", &one).await;
+    let live = start_reloadable("listeners", &one).await;
     let main = live.url("main");
     let client = http_client();
 
     // Added: accepts once the reload has returned.
-    live.reload_direct(&two)
+    reload_direct(&live, &two)
         .await
         .expect("reload adding a listener");
     let (parts, _) = send(&http_client(), get(format!("http://{extra}/v1/models"))).await;
@@ -1526,7 +1180,7 @@ async fn reload_adds_and_removes_listeners() {
     // An in-flight stream and an idle keep-alive connection on it.
     let (_, body, seen) = open_stream(
         &client,
-        chat(format!("http://{extra}/v1/chat/completions"), 30, 30),
+        streaming_chat(format!("http://{extra}/v1/chat/completions"), 30, 30),
     )
     .await;
     let mut idle = RawConn::connect(extra).await;
@@ -1535,10 +1189,10 @@ async fn reload_adds_and_removes_listeners() {
     assert_eq!(idle.response().await.status, 200);
 
     // Removed: new connections are refused, the idle one is closed, the stream finishes.
-    live.reload_direct(&one)
+    reload_direct(&live, &one)
         .await
         .expect("reload removing a listener");
-    wait_refused(extra).await;
+    assert!(refused(extra).await, "{extra} still accepts connections");
     assert!(idle.until_closed().await.is_empty());
     let text = read_rest(body, seen)
         .await
@@ -1551,13 +1205,13 @@ async fn reload_adds_and_removes_listeners() {
     assert_eq!(parts.status, StatusCode::OK);
 
     // Its port was released: adding it back binds it again.
-    live.reload_direct(&two)
+    reload_direct(&live, &two)
         .await
         .expect("reload adding it back");
     let (parts, _) = send(&http_client(), get(format!("http://{extra}/v1/models"))).await;
     assert_eq!(parts.status, StatusCode::OK);
 
-    let s = scrape(live.admin).await;
+    let s = scrape(live.admin.unwrap()).await;
     assert_eq!(
         s.value("podproxy_config_reloads_total", &[("kind", "ok")]),
         3.0
@@ -1567,29 +1221,6 @@ async fn reload_adds_and_removes_listeners() {
 // ---------------------------------------------------------------------------------------
 // SIGHUP to the real binary
 // ---------------------------------------------------------------------------------------
-
-#[cfg(target_os = "linux")]
-/// Whether process `pid` has a handler installed for SIGHUP (`SigCgt` in /proc): before
-/// that, a SIGHUP would terminate it.
-fn catches_sighup(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("SigCgt:"))
-                .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
-        })
-        .is_some_and(|mask| mask & 1 != 0) // SIGHUP = 1 → bit 0
-}
-
-#[cfg(target_os = "linux")]
-fn signal(pid: u32, sig: &str) {
-    let status = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-}
 
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1607,44 +1238,18 @@ async fn sighup_reloads_the_real_binary() {
         "routes = [",
         "routes = [{ prefix = \"/new/\", upstream = \"b\" }, ",
     ) + &format!("\n[upstreams.b]\nurls = \"{}\"\n", b.url());
-    let dir = scratch_dir("sighup");
-    let path = dir.join("podproxy.toml");
-    std::fs::write(&path, &v1).unwrap();
-    let log = dir.join("podproxy.log");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_podproxy"))
-        .arg("--config")
-        .arg(&path)
-        .env_remove("PODPROXY_CONFIG")
+    // `sighup` waits for podproxy's handler first: before it, SIGHUP would end the process.
+    let mut podproxy = Podproxy::new()
+        .config_text("podproxy.toml", &v1)
         .env("RUST_LOG", "info")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn podproxy");
-    let pid = child.id().unwrap();
-    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
+        .listening_on(admin_port)
+        .listening_on(port)
+        .start()
+        .await;
+    let path = podproxy.config_file().to_path_buf();
     let base = format!("http://127.0.0.1:{port}");
     let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin_port));
 
-    // Serving, and SIGHUP handled (the process offers no event to await but these).
-    let deadline = Instant::now() + WAIT;
-    while !(catches_sighup(pid)
-        && tokio::net::TcpStream::connect(admin_addr).await.is_ok()
-        && tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok())
-    {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("podproxy exited early ({status}):\n{}", logs());
-        }
-        assert!(
-            Instant::now() < deadline,
-            "podproxy never got ready:\n{}",
-            logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     assert_eq!(served_by(&base, "/new/one", &a, &b).await, 'a');
 
     let reloads = |kind: &'static str, n: f64| {
@@ -1653,13 +1258,13 @@ async fn sighup_reloads_the_real_binary() {
 
     // SIGHUP with a new route: it serves once the reload is counted.
     std::fs::write(&path, &v2).unwrap();
-    signal(pid, "-HUP");
+    podproxy.sighup().await;
     scrape_until(admin_addr, "the SIGHUP reload", reloads("ok", 1.0)).await;
     assert_eq!(served_by(&base, "/new/two", &a, &b).await, 'b');
 
     // SIGHUP with a broken file: rejected, logged, and the running config stays.
     std::fs::write(&path, "[listeners.main\nbind = ").unwrap();
-    signal(pid, "-HUP");
+    podproxy.sighup().await;
     scrape_until(
         admin_addr,
         "the rejected SIGHUP reload",
@@ -1671,21 +1276,13 @@ async fn sighup_reloads_the_real_binary() {
         'b',
         "the old config is not serving"
     );
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "SIGHUP ended the process"
-    );
+    assert!(podproxy.exited().is_none(), "SIGHUP ended the process");
     // The log line is written by podproxy's log thread: it lands shortly after the reload.
-    let deadline = Instant::now() + WAIT;
-    while !logs().contains("reload rejected") {
-        assert!(Instant::now() < deadline, "never logged:\n{}", logs());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    podproxy.wait_for_line("reload rejected").await;
 
-    signal(pid, "-TERM");
-    let status = bounded("exit after SIGTERM", child.wait()).await.unwrap();
-    assert!(status.success(), "{status}:\n{}", logs());
-    let _ = std::fs::remove_dir_all(&dir);
+    podproxy.sigterm().await;
+    let status = podproxy.wait_exit(WAIT).await;
+    assert!(status.success(), "{status}:\n{}", podproxy.stderr());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1756,11 +1353,14 @@ callback_origin = "http://203.0.113.7:9100"
         vllm.url(),
         mlnode.url()
     );
-    let live = Live::start("dashboard", &toml).await;
+    let live = start_reloadable("dashboard", &toml).await;
     let base = live.url("main");
     let client = http_client();
-    let (_, body, seen) =
-        open_stream(&client, chat(format!("{base}/v1/chat/completions"), 3, 5)).await;
+    let (_, body, seen) = open_stream(
+        &client,
+        streaming_chat(format!("{base}/v1/chat/completions"), 3, 5),
+    )
+    .await;
     assert_complete_stream(&read_rest(body, seen).await.unwrap(), 3);
     let (parts, _) = send(&client, get(format!("{base}/dead/x"))).await;
     assert_eq!(parts.status, StatusCode::BAD_GATEWAY);
@@ -1772,9 +1372,9 @@ callback_origin = "http://203.0.113.7:9100"
         .body(full("{}"))
         .unwrap();
     send(&client, cb).await;
-    let (status, v) = live.reload(&toml).await;
+    let (status, v) = reload(&live, &toml).await;
     assert_eq!(status, StatusCode::OK, "{v}");
-    let s = scrape_until(live.admin, "every exchange recorded", |s| {
+    let s = scrape_until(live.admin.unwrap(), "every exchange recorded", |s| {
         s.get("podproxy_requests_total", &[]) == Some(4.0)
     })
     .await;

@@ -1,10 +1,9 @@
 //! End-to-end tests of the PoC callback guard and the callback relay, through
 //! a real podproxy on loopback: what the mlnode simulator *received* (exact bytes, headers)
 //! is compared with what the DAPI sent.
-mod common;
+mod support;
 
 use bytes::Bytes;
-use common::*;
 use http::{HeaderMap, Request, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame};
@@ -12,6 +11,7 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
+use support::*;
 use testkit::client::{full, http_client, HttpClient, TkBody};
 use testkit::data::sha256_hex;
 use testkit::echo::EchoServer;

@@ -1,10 +1,8 @@
 //! Secure by default: the training API closed, error bodies without internal addresses,
 //! a per-source connection cap.
 
-mod common;
 mod support;
 
-use common::*;
 use support::*;
 use testkit::mlnode::{MlnodeConfig, MlnodeSim};
 use testkit::vllm::{VllmConfig, VllmSim};

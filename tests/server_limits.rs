@@ -2,10 +2,8 @@
 //! also before HTTP/1-vs-2 detection), the per-listener connection cap, and HTTP/1.1 and
 //! h2c prior knowledge on one port.
 
-mod common;
 mod support;
 
-use common::*;
 use http::Request;
 use std::time::Duration;
 use support::*;

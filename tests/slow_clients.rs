@@ -23,10 +23,8 @@
 //!   64 KiB each (the write queue towards the client and the upstream read buffer), never by
 //!   the body size, because the relay reads the upstream only when the client has room.
 
-mod common;
 mod support;
 
-use common::*;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -62,11 +60,9 @@ struct Wire {
 }
 
 impl Wire {
+    /// A fresh connection (as `RawConn` makes them), read by hand.
     async fn connect(addr: SocketAddr) -> Wire {
-        let stream = bounded("connect", TcpStream::connect(addr))
-            .await
-            .expect("connect");
-        stream.set_nodelay(true).unwrap();
+        let RawConn { stream, .. } = RawConn::connect(addr).await;
         Wire {
             stream,
             buf: Vec::new(),
@@ -356,21 +352,27 @@ async fn slow_reader_of_a_big_download_gets_backpressure_not_buffering() {
     let echo = EchoServer::start().await.unwrap();
     // A short upstream idle timeout: a client that is slow to read is not an idle upstream,
     // so the 1.5 s stall must not trip it.
-    let proxy = RealProxy::start(|addr| {
-        config("", &echo.url(), "idle_timeout = \"500ms\"")
-            .replace("127.0.0.1:0", &addr.to_string())
-    })
-    .await;
+    let port = free_port();
+    let toml = config("", &echo.url(), "idle_timeout = \"500ms\"")
+        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let proxy = Podproxy::new()
+        .config_text(
+            "podproxy.toml",
+            &format!("[server]\nlog_level = \"warn\"\n\n{toml}"),
+        )
+        .listening_on(port)
+        .start()
+        .await;
 
     // Warm-up (first connection, pools, allocator arenas), then the baseline.
-    let mut warm = RawConn::connect(proxy.addr).await;
+    let mut warm = RawConn::connect(proxy.addr()).await;
     normal_request(&mut warm).await;
     drop(warm);
     let base_rss = proxy.status_kib("VmRSS");
     let base_hwm = proxy.status_kib("VmHWM");
 
     let started = Instant::now();
-    let mut wire = Wire::connect(proxy.addr).await;
+    let mut wire = Wire::connect(proxy.addr()).await;
     wire.send(format!("GET /bytes/{SIZE} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
         .await;
     let (status, headers) = wire.head().await;

@@ -1,6 +1,6 @@
-mod common;
-use common::*;
+mod support;
 use http_body_util::BodyExt;
+use support::*;
 use testkit::echo::EchoServer;
 
 #[tokio::test]

@@ -7,7 +7,7 @@
 //! Assertions are causal or relative (order, "arrived before the last one was sent"), never
 //! wall-clock budgets: the tests must hold on a loaded 2-core machine.
 
-mod common;
+mod support;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -16,13 +16,13 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::*;
 use http::{Request, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use support::*;
 use testkit::client::{full, http_client, TkBody};
 use testkit::data::{PatternStream, StreamDigest};
 use testkit::echo::{EchoServer, BYTES_SEED};
@@ -544,12 +544,17 @@ const PEAK_RSS_BOUND_KIB: u64 = 64 * 1024;
 async fn real_binary_memory_does_not_grow_with_body_size() {
     const SIZE: u64 = 256 * MIB;
     let backend = start_bulk_backend().await;
-    let proxy = RealProxy::start(|addr| {
-        format!(
-            "[listeners.main]\nbind = \"{addr}\"\nroutes = [{{ prefix = \"/\", upstream = \"u\" }}]\n\n[upstreams.u]\nurls = \"http://{backend}\"\n"
+    let port = free_port();
+    let proxy = Podproxy::new()
+        .config_text(
+            "podproxy.toml",
+            &format!(
+                "[server]\nlog_level = \"warn\"\n\n[listeners.main]\nbind = \"127.0.0.1:{port}\"\nroutes = [{{ prefix = \"/\", upstream = \"u\" }}]\n\n[upstreams.u]\nurls = \"http://{backend}\"\n"
+            ),
         )
-    })
-    .await;
+        .listening_on(port)
+        .start()
+        .await;
     let client = http_client();
 
     // Warm-up, then the baseline.

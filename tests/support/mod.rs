@@ -1,19 +1,43 @@
-//! Helpers shared by the end-to-end test files (forwarding, errors, server_limits, cli):
-//! a raw HTTP/1.1 client that sees exactly what went over the wire, a raw TCP backend for
-//! behaviour the testkit simulators do not have, an h2c client, and the embedded default
-//! config moved onto loopback. Every file using it also declares `mod common;`.
+//! The one harness of the end-to-end tests. Every test file that needs it declares
+//! `mod support;` and `use support::*;`. Everything runs on loopback; every wait is bounded
+//! by `WAIT`.
+//!
+//! | module | what |
+//! |---|---|
+//! | this file | `WAIT`, `bounded`, `eventually`, `refused`, free ports, scratch files, what backends received |
+//! | `launch` | podproxy in process (`Proxy`, from TOML text or a file) and as its own process (`Podproxy` → `Process`, `Ran`) |
+//! | `check` | `podproxy check --skip-bind`: status, stdout, stderr |
+//! | `raw` | a raw HTTP/1.1 client and a raw TCP backend, for what must be seen or sent byte for byte |
+//! | `client` | the testkit client, h2c, streaming chats |
+//! | `admin` | admin API requests |
+//! | `metrics` | `/metrics` scrapes, parsed (`metrics::value`, `Scrape`) |
+//! | `embedded` | the embedded default config moved onto loopback |
+//! | `tls` | certificates (openssl and rcgen), TLS clients and a TLS backend |
+//!
+//! `metrics` and `tls` are used by name (`metrics::value(..)`, `use support::tls::*`); the
+//! others are re-exported here.
 #![allow(dead_code)]
 
-use bytes::Bytes;
-use http_body_util::BodyExt;
+pub mod admin;
+pub mod check;
+pub mod client;
+pub mod embedded;
+pub mod launch;
+pub mod metrics;
+pub mod raw;
+pub mod tls;
+
+// Not every test file uses every part (as with `dead_code` above).
+#[allow(unused_imports)]
+pub use {admin::*, check::*, client::*, embedded::*, launch::*, raw::*};
+
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::time::Duration;
 
-use crate::common::WAIT;
+/// Generous bound for anything a test awaits; only hit when something is broken.
+pub const WAIT: Duration = Duration::from_secs(20);
 
 /// Runs `fut` under `WAIT`, panicking with `what` when it does not finish.
 pub async fn bounded<T>(what: &str, fut: impl Future<Output = T>) -> T {
@@ -22,364 +46,63 @@ pub async fn bounded<T>(what: &str, fut: impl Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("timed out: {what}"))
 }
 
-// ---------------------------------------------------------------------------------------
-// Raw HTTP/1.1 client
-// ---------------------------------------------------------------------------------------
-
-/// A response as it came over the wire: header names lowercased, repeats kept in order,
-/// the body de-chunked when it was chunked.
-#[derive(Debug)]
-pub struct RawResponse {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-    pub chunked: bool,
-}
-
-impl RawResponse {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    pub fn header_all(&self, name: &str) -> Vec<&str> {
-        self.headers
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-            .collect()
-    }
-
-    pub fn body_str(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body_str()))
+/// Waits until `cond` holds, checking on a short interval; bounded by `WAIT`. For counters
+/// that change inside another task and offer no event to await (e.g. drop guards).
+pub async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
-/// One client connection that writes raw bytes and reads framed HTTP/1.1 responses.
-pub struct RawConn {
-    pub stream: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl RawConn {
-    pub async fn connect(addr: SocketAddr) -> RawConn {
-        let stream = bounded("connect", TcpStream::connect(addr))
-            .await
-            .expect("connect");
-        stream.set_nodelay(true).unwrap();
-        RawConn {
-            stream,
-            buf: Vec::new(),
+/// Whether connecting to `addr` is refused (its listener closed) within `WAIT`: a retry
+/// loop, as a closing listener offers no event to await.
+pub async fn refused(addr: SocketAddr) -> bool {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::net::TcpStream::connect(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return true,
+            _ => {}
         }
-    }
-
-    pub async fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).await.expect("write request");
-    }
-
-    /// Reads more bytes into the buffer; false at EOF.
-    async fn fill(&mut self) -> std::io::Result<bool> {
-        let mut chunk = [0u8; 8192];
-        let n = self.stream.read(&mut chunk).await?;
-        self.buf.extend_from_slice(&chunk[..n]);
-        Ok(n > 0)
-    }
-
-    async fn line(&mut self) -> std::io::Result<Vec<u8>> {
-        loop {
-            if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
-                let line = self.buf[..i].to_vec();
-                self.buf.drain(..i + 2);
-                return Ok(line);
-            }
-            if !self.fill().await? {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "EOF inside a line",
-                ));
-            }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
         }
-    }
-
-    async fn exact(&mut self, n: usize) -> std::io::Result<Vec<u8>> {
-        while self.buf.len() < n {
-            if !self.fill().await? {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "EOF inside a body",
-                ));
-            }
-        }
-        Ok(self.buf.drain(..n).collect())
-    }
-
-    /// Reads one response (head + framed body). An `Err` means the connection broke or
-    /// closed before the response was complete.
-    pub async fn try_response(&mut self) -> std::io::Result<RawResponse> {
-        let status_line = String::from_utf8_lossy(&self.line().await?).into_owned();
-        let status: u16 = status_line
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
-        let mut headers = Vec::new();
-        loop {
-            let line = self.line().await?;
-            if line.is_empty() {
-                break;
-            }
-            let line = String::from_utf8_lossy(&line).into_owned();
-            let (k, v) = line.split_once(':').expect("header line");
-            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
-        }
-        let chunked = headers
-            .iter()
-            .any(|(k, v)| k == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked"));
-        let length = headers
-            .iter()
-            .find(|(k, _)| k == "content-length")
-            .map(|(_, v)| v.parse::<usize>().expect("content-length"));
-        let mut body = Vec::new();
-        if status == 204 || status == 304 || (100..200).contains(&status) {
-        } else if chunked {
-            loop {
-                let size_line = String::from_utf8_lossy(&self.line().await?).into_owned();
-                let size = usize::from_str_radix(size_line.split(';').next().unwrap().trim(), 16)
-                    .unwrap_or_else(|_| panic!("bad chunk size {size_line:?}"));
-                if size == 0 {
-                    while !self.line().await?.is_empty() {}
-                    break;
-                }
-                body.extend(self.exact(size).await?);
-                let crlf = self.exact(2).await?;
-                assert_eq!(crlf, b"\r\n", "chunk not followed by CRLF");
-            }
-        } else if let Some(n) = length {
-            body = self.exact(n).await?;
-        } else {
-            while self.fill().await? {}
-            body = std::mem::take(&mut self.buf);
-        }
-        Ok(RawResponse {
-            status,
-            headers,
-            body,
-            chunked,
-        })
-    }
-
-    /// Reads one complete response, bounded by `WAIT`.
-    pub async fn response(&mut self) -> RawResponse {
-        bounded("raw response", self.try_response())
-            .await
-            .expect("read raw response")
-    }
-
-    /// Waits (bounded) until the peer closes the connection; returns what it sent before.
-    pub async fn until_closed(&mut self) -> Vec<u8> {
-        bounded("peer close", async {
-            loop {
-                match self.fill().await {
-                    Ok(true) => {}
-                    Ok(false) | Err(_) => return std::mem::take(&mut self.buf),
-                }
-            }
-        })
-        .await
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
-/// Sends `request` on a fresh connection and reads the response.
-pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> RawResponse {
-    let mut conn = RawConn::connect(addr).await;
-    conn.send(request).await;
-    conn.response().await
+/// A loopback port that was free a moment ago (bind `127.0.0.1:0`, read, drop).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
-// ---------------------------------------------------------------------------------------
-// Raw TCP backend
-// ---------------------------------------------------------------------------------------
-
-type ConnFn = Arc<dyn Fn(TcpStream) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
-
-/// A loopback TCP server running `on_conn` for every connection. Dropping it stops
-/// accepting and aborts every connection task.
-pub struct RawBackend {
-    pub addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
+/// The scratch folder of the running test, `<target>/tmp/<test file>-<test name>`: the
+/// same on every run (files are overwritten), its own for every test. Call it from the
+/// test's own thread (the test body), whose name is the test's.
+pub fn scratch_dir() -> PathBuf {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("t")
+        .replace("::", "-");
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{}-{test}", env!("CARGO_CRATE_NAME")));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    dir
 }
 
-impl RawBackend {
-    pub async fn start<F, Fut>(on_conn: F) -> RawBackend
-    where
-        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        let on_conn: ConnFn = Arc::new(move |s| Box::pin(on_conn(s)));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                tokio::select! {
-                    r = listener.accept() => {
-                        let Ok((s, _)) = r else { continue };
-                        let _ = s.set_nodelay(true);
-                        conns.spawn(on_conn(s));
-                    }
-                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
-                }
-            }
-        });
-        RawBackend { addr, task }
-    }
-
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-}
-
-impl Drop for RawBackend {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// A request head as read by a raw backend, plus its Content-Length body.
-#[derive(Debug, Clone)]
-pub struct RawRequest {
-    pub head: String,
-    pub body: Vec<u8>,
-}
-
-/// Reads one request (head and Content-Length body; chunked request bodies are not
-/// supported here) from `stream`. `None` when the peer closed before a request.
-pub async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<RawRequest> {
-    let end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        let mut chunk = [0u8; 8192];
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    };
-    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-    buf.drain(..end);
-    let len = head
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-        .map_or(0, |(_, v)| v.trim().parse::<usize>().unwrap_or(0));
-    while buf.len() < len {
-        let mut chunk = [0u8; 8192];
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-    let body = buf.drain(..len).collect();
-    Some(RawRequest { head, body })
-}
-
-// ---------------------------------------------------------------------------------------
-// Clients
-// ---------------------------------------------------------------------------------------
-
-/// Sends `req` with the testkit's pooled HTTP/1.1 client; returns head and whole body.
-pub async fn send(
-    client: &testkit::client::HttpClient,
-    req: http::Request<testkit::TkBody>,
-) -> (http::response::Parts, Bytes) {
-    let resp = bounded("response head", client.request(req))
-        .await
-        .expect("request failed");
-    let (parts, body) = resp.into_parts();
-    let body = bounded("response body", body.collect())
-        .await
-        .expect("response body failed")
-        .to_bytes();
-    (parts, body)
-}
-
-/// An HTTP/2 prior-knowledge (h2c) connection to `addr`.
-pub async fn h2c_connect(
-    addr: SocketAddr,
-) -> hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>> {
-    let tcp = bounded("connect", TcpStream::connect(addr))
-        .await
-        .expect("connect");
-    let (send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .expect("h2c handshake");
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    send
-}
-
-/// Sends one request over an h2c connection; returns head and whole body.
-pub async fn h2c_send(
-    sender: &mut hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>,
-    req: http::Request<http_body_util::Full<Bytes>>,
-) -> (http::response::Parts, Bytes) {
-    let resp = bounded("h2c response head", sender.send_request(req))
-        .await
-        .expect("h2c request failed");
-    let (parts, body) = resp.into_parts();
-    let body = bounded("h2c body", body.collect())
-        .await
-        .expect("h2c body failed")
-        .to_bytes();
-    (parts, body)
-}
-
-// ---------------------------------------------------------------------------------------
-// Configs
-// ---------------------------------------------------------------------------------------
-
-/// The embedded default config (`config/podproxy.toml`) with both listeners moved to
-/// `127.0.0.1:0` and the upstreams pointed at test backends; everything else (timeouts,
-/// routes, version-prefix stripping) exactly as shipped.
-pub fn embedded_default_on_loopback(mlnode_url: &str, vllm_urls: &str) -> String {
-    embedded_default_with_env(mlnode_url, vllm_urls, &[])
-}
-
-/// `embedded_default_on_loopback` with more of the embedded default's env vars set.
-pub fn embedded_default_with_env(
-    mlnode_url: &str,
-    vllm_urls: &str,
-    env: &[(&str, &str)],
-) -> String {
-    let text = proxy::config::EMBEDDED_DEFAULT;
-    assert_eq!(
-        text.matches("bind = \"0.0.0.0:").count(),
-        2,
-        "embedded default changed shape: expected two 0.0.0.0 listeners"
-    );
-    let text = text.replace("bind = \"0.0.0.0:", "bind = \"127.0.0.1:");
-    proxy::config::env::expand(&text, |name| match name {
-        "POC_PORT" | "INFERENCE_PORT" => Some("0".into()),
-        "MLNODE_URL" => Some(mlnode_url.into()),
-        "VLLM_URLS" => Some(vllm_urls.into()),
-        "PODPROXY_ADMIN_BIND" => Some("127.0.0.1:0".into()),
-        other => env
-            .iter()
-            .find(|(k, _)| *k == other)
-            .map(|(_, v)| v.to_string()),
-    })
-    .expect("expand embedded default")
+/// Writes `content` to `name` in the test's scratch folder; returns its path.
+pub fn scratch_file(name: &str, content: &str) -> PathBuf {
+    let path = scratch_dir().join(name);
+    std::fs::write(&path, content).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    path
 }
 
 /// True when `s` looks like a lowercase hyphenated UUID (8-4-4-4-12 hex digits).
@@ -392,11 +115,25 @@ pub fn is_uuid(s: &str) -> bool {
             .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
-/// A loopback port that was free a moment ago (bind `127.0.0.1:0`, read, drop).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+// ---------------------------------------------------------------------------------------
+// What the testkit backends received
+// ---------------------------------------------------------------------------------------
+
+/// Health checks run by default (`GET /health`, user-agent `podproxy-health`, first one at
+/// start, then every 2 s) and show up in backend recorders. These helpers skip them.
+pub fn is_health_check(r: &testkit::Recorded) -> bool {
+    r.header("user-agent").as_deref() == Some("podproxy-health")
+}
+
+/// Requests the backend received from clients through the proxy (health checks skipped).
+pub fn proxied(rec: &testkit::Recorder) -> Vec<testkit::Recorded> {
+    rec.all()
+        .into_iter()
+        .filter(|r| !is_health_check(r))
+        .collect()
+}
+
+/// The last client request the backend received (health checks skipped).
+pub fn last_proxied(rec: &testkit::Recorder) -> Option<testkit::Recorded> {
+    proxied(rec).pop()
 }

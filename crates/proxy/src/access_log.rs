@@ -83,12 +83,12 @@ impl Exchange {
         series: Arc<ListenerSeries>,
     ) -> Self {
         // Only the path is logged: no query (it may carry secrets), bounded in length.
-        let path = tracing::enabled!(target: "podproxy::access", tracing::Level::INFO)
-            .then(|| match path.len() {
-                // Nearly every path: one copy, no char-by-char growing.
-                0..=256 => path.to_owned(),
-                _ => path.chars().take(256).collect(),
-            });
+        let logged = tracing::enabled!(target: "podproxy::access", tracing::Level::INFO);
+        let path = logged.then(|| match path.len() {
+            // Nearly every path: one copy, no char-by-char growing.
+            0..=256 => path.to_owned(),
+            _ => path.chars().take(256).collect(),
+        });
         Exchange {
             listener,
             method,
