@@ -45,9 +45,9 @@ enum Source {
         lease: Lease,
     },
     Full(Option<Bytes>),
-    /// A `Replayable` body: taken out of its slot on first poll.
-    Slot {
-        slot: Arc<Mutex<Option<Pending>>>,
+    /// A `Replayable` body: taken out of the shared holder on first poll.
+    Shared {
+        held: Arc<Mutex<Option<Pending>>>,
         taken: Option<Pending>,
     },
     /// A body made by another module (the SSE keep-alive stream), polled as it is.
@@ -186,7 +186,7 @@ pub fn first_non_whitespace(frames: &[Bytes]) -> Option<u8> {
 /// connect failure leaves it untouched). This is what makes retry-on-connect-failure safe
 /// for POST bodies without buffering them.
 pub struct Replayable {
-    slot: Arc<Mutex<Option<Pending>>>,
+    held: Arc<Mutex<Option<Pending>>>,
 }
 
 impl Replayable {
@@ -205,15 +205,15 @@ impl Replayable {
 
     fn from_pending(p: Pending) -> Self {
         Replayable {
-            slot: Arc::new(Mutex::new(Some(p))),
+            held: Arc::new(Mutex::new(Some(p))),
         }
     }
 
     /// A body for one attempt.
     pub fn body(&self, idle: Duration) -> Relay {
         Relay(Box::new(Parts {
-            source: Source::Slot {
-                slot: self.slot.clone(),
+            source: Source::Shared {
+                held: self.held.clone(),
                 taken: None,
             },
             idle: Some(Idle::new(idle)),
@@ -223,12 +223,12 @@ impl Replayable {
 
     /// Whether no attempt has read (or taken) the body yet.
     pub fn untouched(&self) -> bool {
-        self.slot.lock().map(|s| s.is_some()).unwrap_or(false)
+        self.held.lock().map(|s| s.is_some()).unwrap_or(false)
     }
 }
 
 /// Boxed: a body waits in hyper's per-connection queues (the client's request channel
-/// keeps 32 request slots per upstream connection), so its inline size is paid many times
+/// keeps room for 32 requests per upstream connection), so its inline size is paid many times
 /// per stream; boxed it is one pointer.
 pub struct Relay(Box<Parts>);
 
@@ -356,9 +356,9 @@ impl Body for Relay {
                 }
                 polled
             }
-            Source::Slot { slot, taken } => {
+            Source::Shared { held, taken } => {
                 if taken.is_none() {
-                    *taken = slot.lock().ok().and_then(|mut s| s.take());
+                    *taken = held.lock().ok().and_then(|mut s| s.take());
                 }
                 match taken {
                     Some(pending) => pending.poll(&mut this.idle, cx),
@@ -388,8 +388,8 @@ impl Body for Relay {
             Source::Stream(b) | Source::Upstream { body: b, .. } => b.is_end_stream(),
             Source::Full(b) => b.is_none(),
             Source::Boxed(b) => b.is_end_stream(),
-            Source::Slot { taken: Some(p), .. } => p.is_end_stream(),
-            Source::Slot { slot, .. } => slot
+            Source::Shared { taken: Some(p), .. } => p.is_end_stream(),
+            Source::Shared { held, .. } => held
                 .lock()
                 .map(|s| s.as_ref().is_none_or(Pending::is_end_stream))
                 .unwrap_or(true),
@@ -401,8 +401,8 @@ impl Body for Relay {
             Source::Stream(b) | Source::Upstream { body: b, .. } => b.size_hint(),
             Source::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Source::Boxed(b) => b.size_hint(),
-            Source::Slot { taken: Some(p), .. } => p.size_hint(),
-            Source::Slot { slot, .. } => slot
+            Source::Shared { taken: Some(p), .. } => p.size_hint(),
+            Source::Shared { held, .. } => held
                 .lock()
                 .ok()
                 .and_then(|s| s.as_ref().map(Pending::size_hint))

@@ -132,7 +132,7 @@ async fn serve_connection<S>(
     let service = service_fn(move |req| {
         seen.store(true, Ordering::Relaxed);
         let ctx = current.load_full();
-        // Boxed: hyper keeps the slot for a service future for the connection's lifetime;
+        // Boxed: hyper keeps room for a service future for the connection's lifetime;
         // unboxed, every open connection (and every long stream) would carry the ~3 KB of
         // a request handler that has long finished.
         let handler = Box::pin(forward::handle(ctx, client.clone(), req));

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 /// cannot start until a running one ends, so it costs far more time to first token.
 pub const WAITING_WEIGHT: f64 = 4.0;
 /// Weight of a full KV cache (usage 1.0): near full, the engine queues or preempts new
-/// requests even with decode slots free.
+/// requests even with decode capacity free.
 pub const KV_WEIGHT: f64 = 8.0;
 /// KV usage below this costs nothing: vLLM admits new requests freely until the cache is
 /// nearly full, and a replica holding long prompts is no slower for the next request.

@@ -77,7 +77,7 @@ pub fn parse(text: &[u8]) -> Option<EngineFigures> {
         let Some((name, value)) = sample(line) else {
             continue;
         };
-        let slot = match name {
+        let sum = match name {
             n if n == RUNNING.as_bytes() => &mut running,
             n if n == WAITING.as_bytes() => &mut waiting,
             n if n == KV_USAGE.as_bytes() => &mut kv,
@@ -85,7 +85,7 @@ pub fn parse(text: &[u8]) -> Option<EngineFigures> {
             _ => continue,
         };
         let is_kv = name.ends_with(b"_perc");
-        *slot = Some(match *slot {
+        *sum = Some(match *sum {
             None => value,
             Some(v) if is_kv => f64::max(v, value),
             Some(v) => v + value,
