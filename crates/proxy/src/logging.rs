@@ -239,7 +239,9 @@ impl Visit for PlainVisitor<'_> {
 
     fn record_u64(&mut self, field: &Field, value: u64) {
         if !Self::is_log_metadata(field) && field.name() != "message" && self.name(field) {
-            self.result = write!(self.writer, "{value}");
+            let mut d = Digits::new();
+            d.number(value);
+            self.result = self.writer.write_str(d.as_str());
         } else if field.name() == "message" {
             self.default(|v| v.record_u64(field, value));
         }
@@ -255,7 +257,7 @@ impl Visit for PlainVisitor<'_> {
 
     fn record_f64(&mut self, field: &Field, value: f64) {
         if !Self::is_log_metadata(field) && field.name() != "message" && self.name(field) {
-            self.result = write!(self.writer, "{value:?}");
+            self.result = write_f64(&mut self.writer, value);
         } else if field.name() == "message" {
             self.default(|v| v.record_f64(field, value));
         }
@@ -279,6 +281,76 @@ impl Visit for PlainVisitor<'_> {
         if !Self::is_log_metadata(field) {
             self.default(|v| v.record_debug(field, value));
         }
+    }
+}
+
+/// `value` as `{:?}` prints it. The access log's durations are milliseconds rounded to the
+/// microsecond (`k / 1000`); those are written from the integer, without the shortest-
+/// representation search, which is exact: below 2^42 thousandths (about 50 days) doubles
+/// are closer together than 0.001, so the decimal with at most three fraction digits that
+/// equals the value is also its shortest representation. Anything else goes through `{:?}`.
+fn write_f64(w: &mut impl fmt::Write, value: f64) -> fmt::Result {
+    let k = (value * 1000.0).round();
+    let fits = k.abs() < (1u64 << 42) as f64 && (value == 0.0 || value.abs() >= 1e-4);
+    if !(fits && k / 1000.0 == value) || (value == 0.0 && value.is_sign_negative()) {
+        return write!(w, "{value:?}");
+    }
+    let k = k as i64;
+    let (whole, frac) = (k.unsigned_abs() / 1000, k.unsigned_abs() % 1000);
+    // Right to left into one buffer, then one write: `-`, digits, `.`, 1 to 3 digits.
+    let mut buf = Digits::new();
+    let shown = match frac {
+        0 => 1,
+        f if f % 100 == 0 => 1,
+        f if f % 10 == 0 => 2,
+        _ => 3,
+    };
+    let digits = [frac / 100, frac / 10 % 10, frac % 10];
+    for d in digits[..shown].iter().rev() {
+        buf.put(b'0' + *d as u8);
+    }
+    buf.put(b'.');
+    buf.number(whole);
+    if k < 0 {
+        buf.put(b'-');
+    }
+    w.write_str(buf.as_str())
+}
+
+/// A number's text built right to left in a fixed buffer, written with one `write_str`
+/// (the `{}` machinery costs several hundred instructions per field).
+struct Digits {
+    buf: [u8; 24],
+    at: usize,
+}
+
+impl Digits {
+    fn new() -> Self {
+        Digits {
+            buf: [0; 24],
+            at: 24,
+        }
+    }
+
+    fn put(&mut self, b: u8) {
+        self.at -= 1;
+        self.buf[self.at] = b;
+    }
+
+    /// At most 20 digits (`u64::MAX`), so it always fits beside a sign and three decimals.
+    fn number(&mut self, mut n: u64) {
+        loop {
+            self.put(b'0' + (n % 10) as u8);
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        // Only ASCII digits, '.' and '-' were put.
+        std::str::from_utf8(&self.buf[self.at..]).unwrap_or("?")
     }
 }
 
@@ -400,6 +472,53 @@ mod tests {
         assert_eq!(mine.as_bytes()[19], b'.');
         assert_eq!(default.as_bytes()[19], b'.');
         assert!(mine.ends_with('Z') && default.ends_with('Z'));
+    }
+
+    #[test]
+    fn milliseconds_print_as_debug_prints_them() {
+        let mut values = vec![
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            0.001,
+            0.01,
+            0.1,
+            0.5,
+            1.25,
+            12.345,
+            999.999,
+            1e-4,
+            9e-5,
+            1e-7,
+            123456.789,
+            4e12,
+            5e15,
+            1e16,
+            1e300,
+            f64::NAN,
+            f64::INFINITY,
+            0.1 + 0.2,
+        ];
+        // Every duration the access log can write below 10 s, and a spread above.
+        values.extend(
+            (0..10_000_000u64)
+                .step_by(7)
+                .map(|us| (us as f64 / 1e6 * 1e6).round() / 1e3),
+        );
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..200_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            values.push((x % (1 << 45)) as f64 / 1e3);
+            values.push(f64::from_bits(x));
+        }
+        for v in values {
+            let mut mine = String::new();
+            write_f64(&mut mine, v).unwrap();
+            assert_eq!(mine, format!("{v:?}"), "{v:e}");
+        }
     }
 
     #[test]
