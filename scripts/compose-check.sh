@@ -70,13 +70,17 @@ export PORT=$poc INFERENCE_PORT=$inf ADMIN_PORT=$admin PODPROXY_IMAGE=$proxy_ima
 echo "-- podman-compose up (host ports: PoC $poc, inference $inf, admin 127.0.0.1:$admin)"
 compose up -d || fail "podman-compose up"
 
-# Ready once podproxy reports both upstreams ready (first health round answered).
-ready=""
-for _ in $(seq 1 150); do
-  [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://127.0.0.1:$admin/readyz")" = 200 ] && { ready=1; break; }
-  sleep 0.2
-done
-[ -n "$ready" ] || fail "/readyz on 127.0.0.1:$admin did not answer 200 within 30 s"
+# Ready once podproxy reports every upstream ready: a backend whose container was not
+# listening yet at the first probe is down until a later probe (health.interval) finds it.
+wait_ready() {
+  local ready=""
+  for _ in $(seq 1 150); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://127.0.0.1:$admin/readyz")" = 200 ] && { ready=1; break; }
+    sleep 0.2
+  done
+  [ -n "$ready" ] || fail "/readyz on 127.0.0.1:$admin did not answer 200 within 30 s"
+}
+wait_ready
 # (Output into variables before grep -q: an early exit would kill the writer, and pipefail
 # would turn that into a failure.)
 first_lines=$(podman logs "$inference" 2>&1 | sed -n '1,8p')
@@ -238,8 +242,17 @@ curl -s --max-time 5 --cacert "$work/certs/mlnode.crt" "https://127.0.0.1:$poc/a
   && fail "the PoC port answered without a client certificate"
 curl -s --max-time 5 --cacert "$work/certs/mlnode.crt" --cert "$work/certs/mlnode.crt" --key "$work/certs/mlnode.key" \
   "https://127.0.0.1:$poc/api/v1/state" >/dev/null 2>&1 && fail "the PoC port answered a certificate that is not the DAPI's"
-stream=$(curl -sN --max-time 20 "${tls[@]}" -H 'Content-Type:' -d '{"stream":true,"messages":[]}' "https://127.0.0.1:$inf/v1/chat/completions")
-[ "$(grep -c '^data: {' <<<"$stream")" = 8 ] && grep -q '^data: \[DONE\]' <<<"$stream" || fail "https stream: $stream"
+# /readyz stays 503 here (the callback relay's Network Node is not reachable from CI), so
+# wait for the vLLM backends by the stream itself: one not yet listening at the first
+# probe answers 503 until a later probe (health.interval) finds it.
+streamed=""
+for _ in $(seq 1 100); do
+  stream=$(curl -sN --max-time 20 "${tls[@]}" -H 'Content-Type:' -d '{"stream":true,"messages":[]}' "https://127.0.0.1:$inf/v1/chat/completions")
+  [ "$(grep -c '^data: {' <<<"$stream")" = 8 ] && grep -q '^data: \[DONE\]' <<<"$stream" && { streamed=1; break; }
+  grep -q no_healthy_backend <<<"$stream" || break
+  sleep 0.3
+done
+[ -n "$streamed" ] || fail "https stream: $stream"
 r=$(curl -s --max-time 10 "${tls[@]}" -H 'Content-Type:' -w ' %{http_code}' -d "$body" \
   "https://127.0.0.1:$poc/v3.0.8/api/v1/inference/pow/init/generate")
 [ "$r" = '{"status":"OK"} 200' ] || fail "PoC start over mTLS: $r"
