@@ -244,6 +244,7 @@ impl BodyStep<'_> {
             }
             prepared.body = RequestBody::Full(bytes);
         } else if body.is_end_stream() {
+            // Nothing to read: the empty body set above goes to every attempt.
         } else if let Some(every) =
             crate::sse_keepalive::candidate(self.sse_keepalive, &parts.method, &parts.headers)
         {
