@@ -9,7 +9,7 @@ Every proxy writes an access log to a file, as a host runs it (see RESULTS.md). 
 is bounded in time; every process started here is killed on exit (also on SIGINT/SIGTERM).
 Exit status: 0, also when targets are missed, unless STRICT=1 (then 3 when one is missed).
 """
-import json, os, signal, socket, statistics, subprocess, sys, tempfile, time, shutil, re
+import json, os, socket, statistics, subprocess, sys, time, re
 
 QUICK = os.environ.get("QUICK", "") not in ("", "0")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,50 +40,16 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 CHILD_ENV = {k: v for k, v in os.environ.items()
              if k not in ("RUST_LOG", "PODPROXY_LOG_LEVEL", "PODPROXY_LOG_FORMAT", "NO_COLOR")}
 
-work = tempfile.mkdtemp(prefix="podproxy-compare-")
-children = []   # Popen objects, killed on exit
+sys.path.insert(0, os.path.dirname(OUT))   # benches/, for procs
+import procs  # noqa: E402
+from procs import children, cleanup, free_port, log, proc_tree, status_kb  # noqa: E402
+
+work = procs.start("podproxy-compare-")
 
 
-def cleanup(*_):
-    for p in children:
-        try:
-            p.kill()
-        except Exception:
-            pass
-    for p in children:
-        try:
-            p.wait(timeout=5)
-        except Exception:
-            pass
-    shutil.rmtree(work, ignore_errors=True)
-
-
-def on_signal(sig, _frame):
-    cleanup()
-    sys.exit(128 + sig)
-
-
-signal.signal(signal.SIGTERM, on_signal)
-signal.signal(signal.SIGINT, on_signal)
-
-
-def log(*a):
-    print(*a, file=sys.stderr, flush=True)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
+# ---------------------------------------------------------------- simulators
 def spawn(argv, name):
-    f = open(os.path.join(work, name + ".log"), "ab")
-    p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=CHILD_ENV)
-    children.append(p)
-    return p
+    return procs.spawn(argv, name, env=CHILD_ENV)
 
 
 def stop(p):
@@ -95,36 +61,6 @@ def stop(p):
         p.wait(timeout=5)
     if p in children:
         children.remove(p)
-
-
-def proc_tree(pid):
-    """pid and its direct children (nginx workers)."""
-    pids = [pid]
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                st = f.read()
-            ppid = int(st[st.rfind(")") + 2:].split()[1])
-            if ppid == pid:
-                pids.append(int(d))
-        except Exception:
-            pass
-    return pids
-
-
-def status_kb(pid, key):
-    tot = 0
-    for q in proc_tree(pid):
-        try:
-            with open(f"/proc/{q}/status") as f:
-                for line in f:
-                    if line.startswith(key + ":"):
-                        tot += int(line.split()[1])
-        except Exception:
-            pass
-    return tot
 
 
 def cpu_ticks(pid):

@@ -22,33 +22,10 @@
 # script starts is killed on exit.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-missing=()
-for t in nginx haproxy wrk curl python3 rustc cargo; do
-  command -v "$t" >/dev/null 2>&1 || [ -x "/usr/sbin/$t" ] || missing+=("$t")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "missing: ${missing[*]}" >&2
-  echo "install with: apt-get update && apt-get install -y nginx haproxy wrk curl python3 (rustc/cargo: rustup)" >&2
-  exit 1
-fi
-export PATH="$PATH:/usr/sbin"
-# every stream holds two sockets in a proxy; 2,000 streams need more than the usual 1024
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-
-child=
-stop_child() { if [ -n "$child" ]; then kill -TERM "$child" 2>/dev/null || true; wait "$child" 2>/dev/null || true; fi; }
-trap stop_child EXIT
-trap 'stop_child; exit 143' INT TERM
-
-echo "building release podproxy and podproxy-sim..." >&2
-cargo build --release -q --bin podproxy -p podproxy
-cargo build --release -q -p podproxy-testkit --bin podproxy-sim
+. benches/common.sh
+require "nginx haproxy wrk curl python3 (rustc/cargo: rustup)" nginx haproxy wrk curl python3 rustc cargo
+build_release
 mkdir -p target/bench-compare
 rustc -O --edition 2021 benches/compare/sseload.rs -o target/bench-compare/sseload
-
-export PODPROXY_BIN="$PWD/target/release/podproxy" SIM_BIN="$PWD/target/release/podproxy-sim" \
-       SSELOAD_BIN="$PWD/target/bench-compare/sseload"
-echo "machine: $(nproc) cores, $(uname -r), load average: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
-python3 benches/compare/harness.py &
-child=$!
-wait "$child"
+export SSELOAD_BIN="$PWD/target/bench-compare/sseload"
+run_harness benches/compare/harness.py

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""LLM-aware balancing benchmark (issue 21): a multi-turn chat workload over four GPU-like
+"""LLM-aware balancing benchmark: a multi-turn chat workload over four GPU-like
 simulated vLLM replicas per arm, one interleaved run of five arms:
 
   lo        podproxy, least outstanding requests (balance off: today's policy)
@@ -21,7 +21,7 @@ Measured per request: TTFT (request written → first content event), end to end
 From the replicas' /metrics: prefix-cache hit rate (hit tokens / queried tokens) and
 requests per replica.
 """
-import asyncio, json, os, random, re, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
+import asyncio, json, os, random, re, socket, statistics, subprocess, sys, time
 
 QUICK = os.environ.get("QUICK", "") not in ("", "0")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -41,61 +41,15 @@ SIM_FLAGS = ["--gpu-slots", "8", "--kv-tokens", "49152", "--prefill-us-per-token
              "--token-interval-ms", "10"]
 RSS_PREFIXES = int(os.environ.get("RSS_PREFIXES", "20000" if QUICK else "100000"))
 
-work = tempfile.mkdtemp(prefix="podproxy-llm-")
-children = []
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # benches/
+import procs  # noqa: E402
+from procs import children, cleanup, free_port, log, spawn  # noqa: E402
 
-
-def cleanup(*_):
-    for p in children:
-        try:
-            p.kill()
-        except Exception:
-            pass
-    for p in children:
-        try:
-            p.wait(timeout=5)
-        except Exception:
-            pass
-    shutil.rmtree(work, ignore_errors=True)
-
-
-def on_signal(sig, _frame):
-    cleanup()
-    sys.exit(128 + sig)
-
-
-signal.signal(signal.SIGTERM, on_signal)
-signal.signal(signal.SIGINT, on_signal)
-
-
-def log(*a):
-    print(*a, file=sys.stderr, flush=True)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def spawn(argv, name, stdout=None):
-    f = open(os.path.join(work, name + ".log"), "ab")
-    p = subprocess.Popen(argv, stdout=stdout or f, stderr=f, stdin=subprocess.DEVNULL)
-    children.append(p)
-    return p
+work = procs.start("podproxy-llm-")
 
 
 def rss_kb(pid, key="VmRSS"):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except Exception:
-        pass
-    return None
+    return procs.own_status_kb(pid, key)
 
 
 # ---------------------------------------------------------------- simulators

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# LLM-aware balancing benchmark (issue 21): podproxy least outstanding vs signals vs
+# LLM-aware balancing benchmark: podproxy least outstanding vs signals vs
 # signals + affinity vs haproxy leastconn vs nginx least_conn, one interleaved run over
 # GPU-like simulated vLLM replicas (testkit::gpu). See docs/balancing.md.
 #
@@ -10,31 +10,10 @@
 # Needs nginx, haproxy, python3 and cargo (installs nothing):
 #   apt-get update && apt-get install -y nginx haproxy python3
 # Writes benches/llm/results.json and benches/llm/last-table.md and prints the table; exits
-# 1 when a target of the issue is not met.
+# 1 when a target is not met.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-missing=()
-for t in nginx haproxy python3 cargo; do
-  command -v "$t" >/dev/null 2>&1 || [ -x "/usr/sbin/$t" ] || missing+=("$t")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "missing: ${missing[*]}" >&2
-  echo "install with: apt-get update && apt-get install -y nginx haproxy python3" >&2
-  exit 1
-fi
-export PATH="$PATH:/usr/sbin"
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-
-child=
-stop_child() { if [ -n "$child" ]; then kill -TERM "$child" 2>/dev/null || true; wait "$child" 2>/dev/null || true; fi; }
-trap stop_child EXIT
-trap 'stop_child; exit 143' INT TERM
-
-echo "building release podproxy and podproxy-sim..." >&2
-cargo build --release -q --bin podproxy -p podproxy
-cargo build --release -q -p podproxy-testkit --bin podproxy-sim
-export PODPROXY_BIN="$PWD/target/release/podproxy" SIM_BIN="$PWD/target/release/podproxy-sim"
-echo "machine: $(nproc) cores, $(uname -r), load average: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
-python3 benches/llm/harness.py &
-child=$!
-wait "$child"
+. benches/common.sh
+require "nginx haproxy python3" nginx haproxy python3 cargo
+build_release
+run_harness benches/llm/harness.py
