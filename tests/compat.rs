@@ -37,23 +37,38 @@ fn dapi_post(path: &str, body: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// Sends `body` as the DAPI does (no `Content-Type`) to `path` on `addr`, expects 200, and
+/// returns the request as the backend behind `rec` got it, after checking that it arrived
+/// as `application/json`.
+async fn dapi_post_arrives_as_json(
+    addr: std::net::SocketAddr,
+    path: &str,
+    body: &str,
+    rec: &testkit::Recorder,
+) -> testkit::Recorded {
+    let resp = raw_exchange(addr, &dapi_post(path, body)).await;
+    assert_eq!(resp.status, 200, "{}", resp.body_str());
+    let got = last_proxied(rec).unwrap();
+    assert_eq!(
+        got.header("content-type").as_deref(),
+        Some("application/json")
+    );
+    got
+}
+
 #[tokio::test]
 async fn a_dapi_post_without_content_type_reaches_a_strict_fastapi_backend() {
     let mlnode = MlnodeSim::start(strict_mlnode()).await.unwrap();
     let vllm = VllmSim::start(strict_vllm()).await.unwrap();
     let proxy = Proxy::start(&embedded_default_on_loopback(&mlnode.url(), &vllm.url())).await;
 
-    let resp = raw_exchange(
+    let got = dapi_post_arrives_as_json(
         proxy.addr("poc"),
-        &dapi_post("/v3.0.8/api/v1/inference/up", UP_BODY),
+        "/v3.0.8/api/v1/inference/up",
+        UP_BODY,
+        &mlnode.recorder(),
     )
     .await;
-    assert_eq!(resp.status, 200, "{}", resp.body_str());
-    let got = last_proxied(&mlnode.recorder()).unwrap();
-    assert_eq!(
-        got.header("content-type").as_deref(),
-        Some("application/json")
-    );
     assert_eq!(
         got.body_str(),
         UP_BODY,
@@ -62,17 +77,13 @@ async fn a_dapi_post_without_content_type_reaches_a_strict_fastapi_backend() {
 
     // The inference port, a body with leading blanks, a JSON array.
     let chat = "\n  {\"model\":\"Qwen/Qwen3-32B-FP8\",\"max_tokens\":2,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}";
-    let resp = raw_exchange(
+    let got = dapi_post_arrives_as_json(
         proxy.addr("inference"),
-        &dapi_post("/v1/chat/completions", chat),
+        "/v1/chat/completions",
+        chat,
+        &vllm.recorder(),
     )
     .await;
-    assert_eq!(resp.status, 200, "{}", resp.body_str());
-    let got = last_proxied(&vllm.recorder()).unwrap();
-    assert_eq!(
-        got.header("content-type").as_deref(),
-        Some("application/json")
-    );
     assert_eq!(got.body_str(), chat);
     proxy.shutdown().await;
 }
@@ -247,17 +258,13 @@ async fn a_poc_body_without_content_type_is_rewritten_and_typed() {
     );
     let proxy = Proxy::start(&text).await;
     let body = r#"{"url":"http://api:9100/v2/poc-batches/Qwen%252FQwen3-32B-FP8","block_height":7,"r_target":1.4013564660458173}"#;
-    let resp = raw_exchange(
+    let got = dapi_post_arrives_as_json(
         proxy.addr("poc"),
-        &dapi_post("/v3.0.8/api/v1/inference/pow/init/generate", body),
+        "/v3.0.8/api/v1/inference/pow/init/generate",
+        body,
+        &mlnode.recorder(),
     )
     .await;
-    assert_eq!(resp.status, 200, "{}", resp.body_str());
-    let got = last_proxied(&mlnode.recorder()).unwrap();
-    assert_eq!(
-        got.header("content-type").as_deref(),
-        Some("application/json")
-    );
     assert_eq!(
         got.body_str(),
         body.replace("http://api:9100", "http://203.0.113.7:9100")
