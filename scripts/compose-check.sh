@@ -90,6 +90,14 @@ first_lines=$(podman logs "$inference" 2>&1 | sed -n '1,8p')
 
 mlnode_requests() { podman logs "$mlnode" 2>/dev/null | sed -n 's/^request //p'; }
 mlnode_received() { local r; r=$(mlnode_requests); grep -q -- "$1" <<<"$r"; }
+# mlnode_saw PATTERN: waits up to 5 s for the mlnode to print a request matching it.
+mlnode_saw() {
+  for _ in $(seq 1 50); do
+    mlnode_received "$1" && return 0
+    sleep 0.1
+  done
+  return 1
+}
 
 # PoC v2 start the way the DAPI sends it: version prefix, JSON body, no Content-Type, and the
 # Docker-internal callback url.
@@ -97,12 +105,7 @@ body='{"url":"http://api:9100/v2/poc-batches/Qwen%252FQwen3-32B-FP8","block_hash
 r=$(curl -s --max-time 10 -H 'Content-Type:' -w ' %{http_code}' -d "$body" \
   "http://127.0.0.1:$poc/v3.0.8/api/v1/inference/pow/init/generate")
 [ "$r" = '{"status":"OK"} 200' ] || fail "PoC start: $r"
-seen=""
-for _ in $(seq 1 50); do
-  mlnode_received '"/api/v1/inference/pow/init/generate"' && { seen=1; break; }
-  sleep 0.1
-done
-[ -n "$seen" ] || fail "the mlnode did not print the PoC start"
+mlnode_saw '"/api/v1/inference/pow/init/generate"' || fail "the mlnode did not print the PoC start"
 mlnode_requests | python3 -c '
 import json, sys
 want = {"url": "http://203.0.113.7:9100/v2/poc-batches/Qwen%252FQwen3-32B-FP8"}
@@ -256,11 +259,6 @@ done
 r=$(curl -s --max-time 10 "${tls[@]}" -H 'Content-Type:' -w ' %{http_code}' -d "$body" \
   "https://127.0.0.1:$poc/v3.0.8/api/v1/inference/pow/init/generate")
 [ "$r" = '{"status":"OK"} 200' ] || fail "PoC start over mTLS: $r"
-seen=""
-for _ in $(seq 1 50); do
-  mlnode_received 'http://inference:9100/v2/poc-batches/Qwen%252FQwen3-32B-FP8' && { seen=1; break; }
-  sleep 0.1
-done
-[ -n "$seen" ] || fail "the PoC start over mTLS did not reach the mlnode with its callback pointed at the relay (http://inference:9100)"
+mlnode_saw 'http://inference:9100/v2/poc-batches/Qwen%252FQwen3-32B-FP8' || fail "the PoC start over mTLS did not reach the mlnode with its callback pointed at the relay (http://inference:9100)"
 
 echo "compose check: podman-compose stack (podproxy + mlnode simulator): config named at start, PoC callback rewritten with Content-Type added, /v3.0.8/ stripped, streams on both ports, /metrics on 127.0.0.1:$admin, mlnode recreated at a new address ($old_ip -> $new_ip) found with only quick 502/503 in the gap; mTLS overlay: pinned client certificate on both ports, PoC callback pointed at the relay"
