@@ -214,6 +214,24 @@ impl PlainVisitor<'_> {
         self.is_empty = false;
     }
 
+    /// A number or a bool: `name=` and `write`; as the message, the default visitor's text.
+    fn scalar(
+        &mut self,
+        field: &Field,
+        write: impl FnOnce(&mut Writer<'_>) -> fmt::Result,
+        default: impl FnOnce(&mut DefaultVisitor<'_>),
+    ) {
+        if Self::is_log_metadata(field) {
+            return;
+        }
+        if field.name() == "message" {
+            return self.default(default);
+        }
+        if self.name(field) {
+            self.result = write(&mut self.writer);
+        }
+    }
+
     /// `log.*` fields are the `log` crate's metadata, already printed by the formatter.
     fn is_log_metadata(field: &Field) -> bool {
         field.name().starts_with("log.")
@@ -238,37 +256,36 @@ impl Visit for PlainVisitor<'_> {
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        if !Self::is_log_metadata(field) && field.name() != "message" && self.name(field) {
-            let mut d = Digits::new();
-            d.number(value);
-            self.result = self.writer.write_str(d.as_str());
-        } else if field.name() == "message" {
-            self.default(|v| v.record_u64(field, value));
-        }
+        self.scalar(
+            field,
+            |w| w.write_str(Digits::of(value, false).as_str()),
+            |v| v.record_u64(field, value),
+        );
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        if !Self::is_log_metadata(field) && field.name() != "message" && self.name(field) {
-            self.result = write!(self.writer, "{value}");
-        } else if field.name() == "message" {
-            self.default(|v| v.record_i64(field, value));
-        }
+        let text = Digits::of(value.unsigned_abs(), value < 0);
+        self.scalar(
+            field,
+            |w| w.write_str(text.as_str()),
+            |v| v.record_i64(field, value),
+        );
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
-        if !Self::is_log_metadata(field) && field.name() != "message" && self.name(field) {
-            self.result = write_f64(&mut self.writer, value);
-        } else if field.name() == "message" {
-            self.default(|v| v.record_f64(field, value));
-        }
+        self.scalar(
+            field,
+            |w| write_f64(w, value),
+            |v| v.record_f64(field, value),
+        );
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        if !Self::is_log_metadata(field) && field.name() != "message" && self.name(field) {
-            self.result = self.writer.write_str(if value { "true" } else { "false" });
-        } else if field.name() == "message" {
-            self.default(|v| v.record_bool(field, value));
-        }
+        self.scalar(
+            field,
+            |w| w.write_str(if value { "true" } else { "false" }),
+            |v| v.record_bool(field, value),
+        );
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
@@ -335,6 +352,16 @@ impl Digits {
     fn put(&mut self, b: u8) {
         self.at -= 1;
         self.buf[self.at] = b;
+    }
+
+    /// `n`'s digits, with a `-` in front when `negative`.
+    fn of(n: u64, negative: bool) -> Self {
+        let mut d = Digits::new();
+        d.number(n);
+        if negative {
+            d.put(b'-');
+        }
+        d
     }
 
     /// At most 20 digits (`u64::MAX`), so it always fits beside a sign and three decimals.
