@@ -12,6 +12,7 @@ pub mod forward;
 pub mod gate;
 pub mod headers;
 pub mod listener;
+pub mod log_writer;
 pub mod logging;
 pub mod longcall;
 pub mod metrics;

@@ -7,27 +7,19 @@
 //! and journald get plain lines.
 
 use crate::config::LogFormat;
+use crate::log_writer::{FlushGuard, LogWriter};
 use std::fmt;
 use std::io::IsTerminal;
 use std::sync::OnceLock;
 use tracing::field::{Field, Visit};
-use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::field::{MakeVisitor, VisitFmt, VisitOutput};
 use tracing_subscriber::fmt::format::{DefaultVisitor, Writer};
 use tracing_subscriber::fmt::time::FormatTime;
 use tracing_subscriber::EnvFilter;
 
-/// Lines the log writer may hold before it drops new ones (and counts them) instead of
-/// making a request wait for stderr.
-const BUFFERED_LINES: usize = 64 * 1024;
-
-/// The writer thread's buffer in front of stderr. It writes whatever it has after each
-/// batch of lines it took from the queue, so an idle proxy's line goes out at once and a
-/// busy one's go out many per `write`.
-const WRITE_BUFFER: usize = 64 * 1024;
-
-/// Log lines dropped because stderr could not keep up (exported as a metric).
-static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+/// The background writer, for its count of lines dropped because stderr could not keep
+/// up (exported as a metric).
+static WRITER: OnceLock<LogWriter> = OnceLock::new();
 
 /// The format after flag and environment: `flag` > `PODPROXY_LOG_FORMAT` > `file`. An
 /// unknown value in the environment is an error naming the variable.
@@ -66,26 +58,21 @@ pub fn init(format: LogFormat, level: &str) {
     install(format, level, std::io::stderr);
 }
 
-/// Installs the global subscriber with a buffered writer thread: a request never waits for
-/// stderr; under overload lines are dropped and counted (`log_lines_dropped`) rather than
-/// slowing the proxy. Keep the guard until exit: dropping it flushes what is buffered.
-pub fn init_background(format: LogFormat, level: &str) -> WorkerGuard {
-    let (writer, guard) = NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(BUFFERED_LINES)
-        .thread_name("podproxy-log")
-        .finish(std::io::BufWriter::with_capacity(
-            WRITE_BUFFER,
-            std::io::stderr(),
-        ));
-    let _ = DROPPED.set(writer.error_counter());
+/// Installs the global subscriber with a background writer thread (`log_writer`): a
+/// request never waits for stderr; under overload lines are dropped and counted
+/// (`log_lines_dropped`) rather than slowing the proxy. Keep the guard until exit:
+/// dropping it writes what is buffered.
+pub fn init_background(format: LogFormat, level: &str) -> FlushGuard {
+    let (writer, guard) =
+        crate::log_writer::start(std::io::stderr(), crate::log_writer::MAX_BUFFERED);
+    let _ = WRITER.set(writer.clone());
     install(format, level, writer);
     guard
 }
 
 /// Log lines dropped so far by the background writer.
 pub fn dropped_lines() -> u64 {
-    DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
+    WRITER.get().map_or(0, LogWriter::dropped)
 }
 
 fn install<W>(format: LogFormat, level: &str, writer: W)
