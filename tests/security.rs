@@ -159,3 +159,29 @@ async fn one_address_cannot_hold_more_than_its_share_of_connections() {
     }
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_refused_upload_gets_its_answer_not_a_reset() {
+    // The client sends all of a large body that podproxy refuses unread (the training API
+    // is closed): the connection closes after the 403, but only once the client is done
+    // sending, so it can read the answer instead of a connection reset.
+    let mlnode = MlnodeSim::start(MlnodeConfig::default()).await.unwrap();
+    let vllm = VllmSim::start(VllmConfig::default()).await.unwrap();
+    let proxy = Proxy::start(&embedded_default_on_loopback(&mlnode.url(), &vllm.url())).await;
+    let body = vec![b'x'; 4 << 20];
+    let mut conn = RawConn::connect(proxy.addr("poc")).await;
+    conn.send(
+        format!(
+            "POST /api/v1/train/start HTTP/1.1\r\nHost: node\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await;
+    conn.send(&body).await;
+    let resp = conn.response().await;
+    assert_eq!(resp.status, 403, "{}", resp.body_str());
+    assert_eq!(resp.header("connection"), Some("close"));
+    assert!(proxied(&mlnode.recorder()).is_empty());
+    proxy.shutdown().await;
+}

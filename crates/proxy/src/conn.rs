@@ -11,6 +11,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
 use std::convert::Infallible;
+use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -135,18 +136,32 @@ async fn serve_connection<S>(
         // Boxed: hyper keeps room for a service future for the connection's lifetime;
         // unboxed, every open connection (and every long stream) would carry the ~3 KB of
         // a request handler that has long finished.
-        let handler = Box::pin(forward::handle(ctx, client.clone(), req));
-        async move { Ok::<_, Infallible>(handler.await) }
+        // (Boxed as a whole: HTTP/1 polling without shutdown needs an `Unpin` future.)
+        let client = client.clone();
+        Box::pin(async move { Ok::<_, Infallible>(forward::handle(ctx, client, req).await) })
     });
     let result = match protocol {
         Protocol::Http1 => {
-            let conn = hyper::server::conn::http1::Builder::new()
+            let mut conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)
                 .max_buf_size(MAX_BUF_SIZE)
                 .keep_alive(true)
                 .serve_connection(io, service);
-            until_drained(std::pin::pin!(conn), stop).await
+            // Served without hyper's own shutdown of the socket, so the close can linger.
+            let mut draining = stop.clone();
+            let out = tokio::select! {
+                out = poll_fn(|cx| conn.poll_without_shutdown(cx)) => out,
+                _ = stopped(&mut draining) => {
+                    std::pin::Pin::new(&mut conn).graceful_shutdown();
+                    poll_fn(|cx| conn.poll_without_shutdown(cx)).await
+                }
+            };
+            if out.is_ok() {
+                let parts = conn.into_parts();
+                linger(parts.io.into_inner(), stop).await;
+            }
+            out
         }
         Protocol::Http2 => {
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -176,6 +191,44 @@ async fn serve_connection<S>(
     };
     if let Err(e) = result {
         tracing::debug!(%peer, "connection ended with error: {e}");
+    }
+}
+
+/// How long, and for how many bytes, a closing HTTP/1 connection keeps reading what the
+/// client still sends (nginx's lingering close: `lingering_time`).
+const LINGER_TIME: Duration = Duration::from_secs(5);
+const LINGER_BYTES: usize = 64 << 20;
+
+/// Closes an HTTP/1 connection the way nginx does: our side first (FIN after the last
+/// response), then reading and discarding until the client closes too, for at most
+/// `LINGER_TIME` and `LINGER_BYTES`. A request refused before its body was read (413, 401,
+/// 403, 404, ...) leaves the client still sending: closing with those bytes unread would
+/// answer them with a reset, and a reset can destroy the response before the client has
+/// read it. A client that closed first costs one read that returns 0. Not while the
+/// server shuts down.
+async fn linger<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut io: S,
+    mut stop: watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if *stop.borrow() {
+        return;
+    }
+    let discard = async {
+        io.shutdown().await?;
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut read = 0;
+        while read < LINGER_BYTES {
+            match io.read(&mut buf).await? {
+                0 => break,
+                n => read += n,
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    tokio::select! {
+        _ = tokio::time::timeout(LINGER_TIME, discard) => {}
+        _ = stopped(&mut stop) => {}
     }
 }
 

@@ -53,11 +53,20 @@ pub async fn handle(
     if crate::poc::is_callback(req.method(), req.uri().path()) {
         ctx.series.callbacks_relayed().inc();
     }
+    // An HTTP/1 request refused with its body maybe unread: the connection closes after the
+    // answer (the rest of the body cannot be told from a next request), and the client is
+    // told so; `conn` lingers so the unread bytes do not reset the answer away.
+    let close_if_refused = req.version() < Version::HTTP_2 && !req.body().is_end_stream();
     let mut resp = match forward(&ctx, &peer, req, &mut ex).await {
         Ok(resp) => resp,
         Err(e) => {
             ex.refused(&e);
-            e.to_response()
+            let mut resp = e.to_response();
+            if close_if_refused {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            resp
         }
     };
     resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
