@@ -72,7 +72,10 @@ fn main() -> ExitCode {
                 Some(p) => ConfigSource::File(p.clone()),
                 None => ConfigSource::Embedded,
             };
-            match runtime(config.server.worker_threads) {
+            // Connections are served on the server's own worker threads
+            // (`server.worker_threads`); this runtime keeps the accept loops, admin API,
+            // health checks, reloads and signals, which one thread carries.
+            match runtime(Some(1)) {
                 Ok(rt) => rt.block_on(run(config, source)),
                 Err(code) => code,
             }
@@ -101,7 +104,8 @@ impl LogFlags {
     }
 }
 
-/// The async runtime; `workers` from `server.worker_threads` (tokio's default: one per CPU).
+/// The async runtime with `workers` threads (tokio's default: one per CPU). The demo's
+/// simulators run on it too.
 fn runtime(workers: Option<usize>) -> Result<tokio::runtime::Runtime, ExitCode> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();

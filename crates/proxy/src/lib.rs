@@ -25,6 +25,7 @@ pub mod signals;
 pub mod sse_keepalive;
 pub mod stall;
 pub mod upstream;
+pub mod workers;
 
 pub use config::Config;
 pub use server::Server;

@@ -1,10 +1,12 @@
 //! A bound listener: its socket, the connection caps (per listener and per source
-//! address) and the accept loop that hands each connection to `conn`. The server keeps one
+//! address) and the accept loop that hands each connection to `conn` on a connection
+//! worker (`workers`). The server keeps one
 //! `BoundListener` per configured listener and carries it across reloads that keep its
 //! address.
 
 use crate::config::{Config, ListenerConfig};
 use crate::runtime::ListenerCtx;
+use crate::workers::Workers;
 use arc_swap::ArcSwap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -97,7 +99,7 @@ impl BoundListener {
         })
     }
 
-    pub(crate) fn start(&mut self, connections: &TaskTracker) {
+    pub(crate) fn start(&mut self, connections: &Connections) {
         if let Some(tcp) = self.tcp.take() {
             tracing::info!(listener = %self.name, addr = %self.addr, "listening");
             self.task = Some(tokio::spawn(accept_loop(
@@ -134,6 +136,14 @@ impl BoundListener {
     }
 }
 
+/// Where accepted connections go: the worker threads that serve them, and the tracker the
+/// drain waits on.
+#[derive(Clone)]
+pub(crate) struct Connections {
+    pub(crate) tracker: TaskTracker,
+    pub(crate) workers: Arc<Workers>,
+}
+
 pub(crate) fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = match addr {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
@@ -152,7 +162,7 @@ async fn accept_loop(
     limit: Arc<Semaphore>,
     per_source: Arc<PerSource>,
     mut stop: watch::Receiver<bool>,
-    connections: TaskTracker,
+    connections: Connections,
 ) {
     let mut warned_full = false;
     loop {
@@ -189,11 +199,21 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
         let stop = stop.clone();
-        connections.spawn(async move {
-            crate::conn::serve(stream, peer, ctx, stop).await;
-            drop(source);
-            drop(permit);
-        });
+        // The socket moves to the worker's epoll: out of this runtime's, into the worker's
+        // when its task starts.
+        let Ok(stream) = stream.into_std() else {
+            continue;
+        };
+        connections.tracker.spawn_on(
+            async move {
+                if let Ok(stream) = tokio::net::TcpStream::from_std(stream) {
+                    crate::conn::serve(stream, peer, ctx, stop).await;
+                }
+                drop(source);
+                drop(permit);
+            },
+            connections.workers.pick(),
+        );
     }
 }
 

@@ -3,11 +3,12 @@
 //! swapping it in, and drain on shutdown.
 
 use crate::config::Config;
-use crate::listener::{bind_tcp, BindError, BoundListener};
+use crate::listener::{bind_tcp, BindError, BoundListener, Connections};
 use crate::metrics::{Metrics, ResultLabel};
 use crate::reload::{ConfigSource, ReloadReply, Reloader, Shared};
 use crate::runtime::Runtime;
 use crate::upstream::Upstream;
+use crate::workers::Workers;
 use arc_swap::ArcSwap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -33,6 +34,8 @@ pub struct Server {
     admin: Option<(TcpListener, Option<String>)>,
     source: ConfigSource,
     reload_rx: mpsc::Receiver<ReloadReply>,
+    /// The threads that serve connections (`server.worker_threads`, fixed until restart).
+    workers: Arc<Workers>,
 }
 
 impl Server {
@@ -55,6 +58,8 @@ impl Server {
             None => None,
         };
         let (reloader, reload_rx) = Reloader::channel();
+        let workers = Workers::start(crate::workers::count(config.server.worker_threads))
+            .map_err(|e| StartError::Setup(format!("cannot start the worker threads: {e}")))?;
         Ok(Server {
             shared: Arc::new(Shared {
                 runtime: ArcSwap::from_pointee(runtime),
@@ -65,6 +70,7 @@ impl Server {
             admin,
             source: ConfigSource::Fixed,
             reload_rx,
+            workers: Arc::new(workers),
         })
     }
 
@@ -114,7 +120,10 @@ impl Server {
                 tracing::warn!("{w}");
             }
         }
-        let connections = TaskTracker::new();
+        let connections = Connections {
+            tracker: TaskTracker::new(),
+            workers: self.workers.clone(),
+        };
         let mut health = HealthTasks::default();
         health.sync(&self.shared.runtime.load().upstreams);
         for l in &mut self.listeners {
@@ -158,8 +167,8 @@ impl Server {
         for l in &mut self.listeners {
             l.stop().await;
         }
-        connections.close();
-        match tokio::time::timeout(grace, connections.wait()).await {
+        connections.tracker.close();
+        match tokio::time::timeout(grace, connections.tracker.wait()).await {
             Ok(()) => tracing::info!("drained, all connections closed"),
             Err(_) => tracing::warn!("grace period over, closing remaining connections"),
         }
@@ -174,7 +183,7 @@ impl Server {
     /// accepting (their requests finish), new ones start.
     fn reload(
         &mut self,
-        connections: &TaskTracker,
+        connections: &Connections,
         health: &mut HealthTasks,
     ) -> Result<(), String> {
         let config = match &self.source {

@@ -130,9 +130,9 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
-    /// Runtime worker threads (nginx's `worker_processes`); `None` = one per CPU of the
-    /// machine it runs on (so `check` output copied to a bigger box still uses all of it).
-    /// Read at start only.
+    /// Connection worker threads (nginx's `worker_processes`; see `workers`); `None` = one
+    /// per CPU of the machine it runs on (so `check` output copied to a bigger box still
+    /// uses all of it). Read at start only.
     pub worker_threads: Option<usize>,
 }
 

@@ -7,6 +7,11 @@
 //! and while it relays the body ([`Lease`], polled by `Relay`), and the connection is parked
 //! on its backend's idle stack when the response has ended and it can take another request.
 //!
+//! Each backend has one idle stack per connection worker (`workers`) and one for other
+//! threads: a request takes a connection its own worker parked first, so the connection's
+//! socket is in the same thread's epoll as the client's; only when that stack is empty
+//! does it take one parked by another worker (still cheaper than a new connection).
+//!
 //! Parked connections are not polled. A close by the backend (uvicorn closes after 5 s) is
 //! read at checkout, expired ones are swept, and a request that still loses the race with a
 //! close before any byte was sent is retried once on a fresh connection.
@@ -22,6 +27,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -85,6 +91,37 @@ struct Parked {
     since: Instant,
 }
 
+/// One backend's parked connections: a stack per worker, the last for other threads.
+struct Idle {
+    stacks: Vec<Mutex<Vec<Parked>>>,
+    /// Parked connections over all stacks, held to `max_idle`.
+    count: AtomicUsize,
+}
+
+impl Idle {
+    fn new() -> Idle {
+        // One stack per CPU (the default worker count; more workers share stacks) + one.
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Idle {
+            stacks: (0..=cpus).map(|_| Mutex::new(Vec::new())).collect(),
+            count: AtomicUsize::new(0),
+        }
+    }
+
+    /// The stack of the current thread.
+    fn own(&self) -> usize {
+        let workers = self.stacks.len() - 1;
+        crate::workers::current().map_or(workers, |w| w % workers)
+    }
+
+    /// Takes the most recently parked connection, from `stack` only.
+    fn pop(&self, stack: usize) -> Option<Parked> {
+        let parked = self.stacks.get(stack)?.lock().ok()?.pop()?;
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        Some(parked)
+    }
+}
+
 /// The idle connections of one upstream, per backend, and how new ones are made.
 pub struct Pool {
     connector: HttpsConnector<HttpConnector>,
@@ -96,7 +133,7 @@ pub struct Pool {
     hosts: Vec<HeaderValue>,
     /// `rewrite_host`: every request gets its backend's `Host`, not only one without.
     rewrite_host: bool,
-    idle: Vec<Mutex<Vec<Parked>>>,
+    idle: Vec<Idle>,
     idle_timeout: Duration,
     max_idle: usize,
     h1: http1::Builder,
@@ -132,7 +169,7 @@ impl Pool {
         h1.max_buf_size(crate::config::defaults::MAX_BUF_SIZE);
         let pool = Arc::new(Pool {
             connector,
-            idle: targets.iter().map(|_| Mutex::new(Vec::new())).collect(),
+            idle: targets.iter().map(|_| Idle::new()).collect(),
             targets,
             hosts,
             rewrite_host,
@@ -186,21 +223,29 @@ impl Pool {
         }
     }
 
-    /// Takes the most recently parked connection of `backend` that is still open.
+    /// Takes the most recently parked connection of `backend` that is still open, from
+    /// this thread's stack first.
     fn checkout(&self, backend: usize, cx: &mut Context<'_>) -> Option<Box<Conn>> {
-        let stack = self.idle.get(backend)?;
-        loop {
-            let parked = stack.lock().ok()?.pop()?;
-            // Dropped outside the lock: closing a socket is a syscall.
-            if parked.since.elapsed() >= self.idle_timeout {
-                continue;
-            }
-            let mut conn = parked.conn;
-            // One poll reads a close the backend sent while the connection was parked.
-            if conn.reusable(cx) {
-                return Some(conn);
+        let idle = self.idle.get(backend)?;
+        if idle.count.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let own = idle.own();
+        let others = (0..idle.stacks.len()).filter(|&s| s != own);
+        for stack in std::iter::once(own).chain(others) {
+            // Dropped outside the lock (`pop` returns it): closing a socket is a syscall.
+            while let Some(parked) = idle.pop(stack) {
+                if parked.since.elapsed() >= self.idle_timeout {
+                    continue;
+                }
+                let mut conn = parked.conn;
+                // One poll reads a close the backend sent while the connection was parked.
+                if conn.reusable(cx) {
+                    return Some(conn);
+                }
             }
         }
+        None
     }
 
     async fn connect(&self, backend: usize) -> Result<Box<Conn>, SendError> {
@@ -225,11 +270,15 @@ impl Pool {
     }
 
     fn park(&self, backend: usize, conn: Box<Conn>) {
-        let Some(stack) = self.idle.get(backend) else {
+        let Some(idle) = self.idle.get(backend) else {
             return;
         };
-        let rejected = match stack.lock() {
-            Ok(mut stack) if stack.len() < self.max_idle => {
+        if idle.count.fetch_add(1, Ordering::Relaxed) >= self.max_idle {
+            idle.count.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        let rejected = match idle.stacks.get(idle.own()).map(|s| s.lock()) {
+            Some(Ok(mut stack)) => {
                 stack.push(Parked {
                     conn,
                     since: Instant::now(),
@@ -238,6 +287,9 @@ impl Pool {
             }
             _ => Some(conn),
         };
+        if rejected.is_some() {
+            idle.count.fetch_sub(1, Ordering::Relaxed);
+        }
         drop(rejected);
     }
 
@@ -245,8 +297,7 @@ impl Pool {
     pub fn idle_count_of(&self, backend: usize) -> usize {
         self.idle
             .get(backend)
-            .and_then(|s| s.lock().ok().map(|s| s.len()))
-            .unwrap_or(0)
+            .map_or(0, |i| i.count.load(Ordering::Relaxed))
     }
 
     /// Parked connections, all backends.
@@ -256,19 +307,22 @@ impl Pool {
 
     /// Closes connections parked longer than the idle timeout.
     fn sweep_expired(&self) {
-        for stack in &self.idle {
-            let expired: Vec<Parked> = match stack.lock() {
-                Ok(mut stack) => {
-                    let keep = stack
-                        .iter()
-                        .position(|p| p.since.elapsed() < self.idle_timeout)
-                        .unwrap_or(stack.len());
-                    // The stack is in parking order: the expired ones are at the bottom.
-                    stack.drain(..keep).collect()
-                }
-                Err(_) => Vec::new(),
-            };
-            drop(expired);
+        for idle in &self.idle {
+            for stack in &idle.stacks {
+                let expired: Vec<Parked> = match stack.lock() {
+                    Ok(mut stack) => {
+                        let keep = stack
+                            .iter()
+                            .position(|p| p.since.elapsed() < self.idle_timeout)
+                            .unwrap_or(stack.len());
+                        // The stack is in parking order: the expired ones are at the bottom.
+                        stack.drain(..keep).collect()
+                    }
+                    Err(_) => Vec::new(),
+                };
+                idle.count.fetch_sub(expired.len(), Ordering::Relaxed);
+                drop(expired);
+            }
         }
     }
 }
