@@ -196,6 +196,8 @@ async fn accept_loop(
             drop(stream);
             continue;
         };
+        // Linux hands the listener's TCP_NODELAY (set in `bind_tcp`) to accepted sockets.
+        #[cfg(not(target_os = "linux"))]
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
         let stop = stop.clone();
@@ -276,5 +278,19 @@ impl Drop for SourceGuard {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn accepted_sockets_have_nodelay() {
+        // The accept loop relies on this (tokens must not wait for Nagle's algorithm).
+        let listener = super::bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap());
     }
 }
