@@ -1,8 +1,7 @@
 //! A bound listener: its socket, the connection caps (per listener and per source
 //! address) and the accept loop that hands each connection to `conn` on a connection
-//! worker (`workers`). The server keeps one
-//! `BoundListener` per configured listener and carries it across reloads that keep its
-//! address.
+//! worker (`workers`). The server keeps one `BoundListener` per configured listener and
+//! carries it across reloads that keep its address.
 
 use crate::config::{Config, ListenerConfig};
 use crate::runtime::ListenerCtx;
@@ -203,8 +202,12 @@ async fn accept_loop(
         let stop = stop.clone();
         // The socket moves to the worker's epoll: out of this runtime's, into the worker's
         // when its task starts.
-        let Ok(stream) = stream.into_std() else {
-            continue;
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(listener = %name, %peer, "cannot hand the connection to a worker: {e}");
+                continue;
+            }
         };
         connections.tracker.spawn_on(
             async move {
