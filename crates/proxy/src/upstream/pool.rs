@@ -100,10 +100,10 @@ struct Idle {
 
 impl Idle {
     fn new() -> Idle {
-        // One stack per CPU (the default worker count; more workers share stacks) + one.
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // One stack per default worker (one per CPU; more workers share stacks) + one.
+        let workers = crate::workers::count(None);
         Idle {
-            stacks: (0..=cpus).map(|_| Mutex::new(Vec::new())).collect(),
+            stacks: (0..=workers).map(|_| Mutex::new(Vec::new())).collect(),
             count: AtomicUsize::new(0),
         }
     }
