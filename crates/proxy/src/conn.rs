@@ -216,8 +216,13 @@ async fn linger<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     }
     let discard = async {
         io.shutdown().await?;
+        // Most clients have closed already: that read needs no buffer worth allocating.
+        let mut probe = [0u8; 256];
+        let mut read = match io.read(&mut probe).await? {
+            0 => return Ok(()),
+            n => n,
+        };
         let mut buf = vec![0u8; 16 * 1024];
-        let mut read = 0;
         while read < LINGER_BYTES {
             match io.read(&mut buf).await? {
                 0 => break,
