@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# Allocator comparison for the static binary: musl's malloc vs mimalloc, same source, same
-# machine, interleaved runs. Workloads: keep-alive small requests (wrk, 64 connections) and
-# 256 concurrent SSE streams (wrk POSTing stream=true chat completions).
-# Usage: benches/allocator.sh <podproxy built with musl malloc> <podproxy built with
-#        --features mimalloc> <podproxy-sim (release)>   [DURATION=10] [ROUNDS=2]
+# Allocator comparison for the static binary: builds of the same source with different
+# allocators, same machine, interleaved runs. Workloads: keep-alive small requests (wrk, 64
+# connections) and 256 concurrent SSE streams (wrk POSTing stream=true chat completions).
+# Usage: benches/allocator.sh <podproxy-sim (release)> <label>=<podproxy> ...
+#          [DURATION=10] [ROUNDS=2]
+# e.g.   t=x86_64-unknown-linux-musl
+#        cargo build --release --target $t --bin podproxy && cp target/$t/release/podproxy /tmp/pp-jemalloc
+#        cargo build --release --target $t --bin podproxy --no-default-features && cp target/$t/release/podproxy /tmp/pp-musl
+#        benches/allocator.sh target/release/podproxy-sim jemalloc=/tmp/pp-jemalloc musl=/tmp/pp-musl
+# The fuller comparison (bursts, slow streams, RSS, CPU per token) is benches/compare.
 set -euo pipefail
-musl=${1:?}; mi=${2:?}; sim=${3:?}
+sim=${1:?usage: benches/allocator.sh <podproxy-sim> <label>=<podproxy> ...}; shift
+[ $# -ge 1 ] || { echo "usage: benches/allocator.sh <podproxy-sim> <label>=<podproxy> ..." >&2; exit 1; }
 dur=${DURATION:-10}; rounds=${ROUNDS:-2}
 command -v wrk >/dev/null || { echo "needs wrk (apt-get install wrk)"; exit 1; }
 work=$(mktemp -d); pids=()
@@ -53,6 +59,7 @@ TOML
 
 printf '%-9s %10s %8s %10s %8s %8s\n' allocator "req/s" p99 "streams/s" idle_kB peak_kB
 for r in $(seq 1 "$rounds"); do
-  run_one musl "$musl"
-  run_one mimalloc "$mi"
+  for build in "$@"; do
+    run_one "${build%%=*}" "${build#*=}"
+  done
 done

@@ -18,12 +18,20 @@ require() {
   ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 }
 
-# Release podproxy and podproxy-sim, exported as PODPROXY_BIN and SIM_BIN.
+# podproxy as hosts run it (the static musl binary the image holds, release profile) and the
+# release podproxy-sim, exported as PODPROXY_BIN and SIM_BIN. The musl build needs the Rust
+# target and musl-gcc (ring and jemalloc compile C).
+MUSL_TARGET=x86_64-unknown-linux-musl
 build_release() {
-  echo "building release podproxy and podproxy-sim..." >&2
-  cargo build --release -q --bin podproxy -p podproxy
+  if ! rustup target list --installed 2>/dev/null | grep -qx "$MUSL_TARGET" || ! command -v musl-gcc >/dev/null; then
+    echo "podproxy is measured as the static musl binary hosts run; it needs:" >&2
+    echo "  rustup target add $MUSL_TARGET && apt-get install -y musl-tools" >&2
+    exit 1
+  fi
+  echo "building podproxy (static, $MUSL_TARGET) and podproxy-sim (release)..." >&2
+  cargo build --release -q --target "$MUSL_TARGET" --bin podproxy -p podproxy
   cargo build --release -q -p podproxy-testkit --bin podproxy-sim
-  export PODPROXY_BIN="$PWD/target/release/podproxy" SIM_BIN="$PWD/target/release/podproxy-sim"
+  export PODPROXY_BIN="$PWD/target/$MUSL_TARGET/release/podproxy" SIM_BIN="$PWD/target/release/podproxy-sim"
 }
 
 # run_harness SCRIPT: runs it under python3 and returns its exit status; the script's own

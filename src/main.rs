@@ -3,10 +3,12 @@
 
 mod demo;
 
-/// Off by default: measured against musl's allocator, see docs/static-binary.md ("Allocator").
-#[cfg(feature = "mimalloc")]
+/// jemalloc, not the C library's malloc: the static binary hosts run links musl, whose
+/// malloc serialises every thread on one lock, and the connection workers allocate on every
+/// CPU. Measured in docs/static-binary.md ("Allocator").
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use clap::{Parser, Subcommand};
 use proxy::config::Config;

@@ -21,7 +21,11 @@ STRICT = os.environ.get("STRICT", "") not in ("", "0")
 TARGETS = os.environ.get("TARGETS", "direct,podproxy,podproxy-logs-off,nginx-gonka,nginx-tuned,haproxy").split(",")
 # WORKLOADS=small,sse runs a subset (for optimisation loops; the README table is a full run)
 WORKLOADS = os.environ.get("WORKLOADS", "small,sse,burst,idle,large").split(",")
-PODPROXIES = ("podproxy", "podproxy-logs-off")
+# podproxy-b: a second build (PODPROXY_B_BIN) at its defaults, for A/B runs between builds
+PODPROXIES = ("podproxy", "podproxy-logs-off", "podproxy-b")
+PODPROXY_B = os.environ.get("PODPROXY_B_BIN")
+if "podproxy-b" in TARGETS and not PODPROXY_B:
+    raise SystemExit("TARGETS names podproxy-b: set PODPROXY_B_BIN to the podproxy build to compare with")
 
 SMALL_S = 3 if QUICK else 10
 SSE_ROUNDS = 1 if QUICK else 3
@@ -278,8 +282,8 @@ def start_target(name, sim):
     port = free_port()
     if name in PODPROXIES:
         cfg = os.path.join(d, "podproxy.toml")
-        open(cfg, "w").write(podproxy_conf(port, sim, logs=name == "podproxy"))
-        argv = [PODPROXY, "--config", cfg]
+        open(cfg, "w").write(podproxy_conf(port, sim, logs=name != "podproxy-logs-off"))
+        argv = [PODPROXY_B if name == "podproxy-b" else PODPROXY, "--config", cfg]
     elif name in ("nginx-gonka", "nginx-tuned"):
         cfg = os.path.join(d, "nginx.conf")
         open(cfg, "w").write(nginx_conf(d, port, sim, name == "nginx-tuned"))
@@ -512,7 +516,7 @@ def summarize(res):
     # podproxy (default config, access log on) is the row that counts; podproxy-logs-off
     # gets small-request ratios only, and podproxy/podproxy-logs-off shows the log's cost
     rows = [("podproxy", p, None) for p in peers] + [("podproxy-logs-off", p, ("rps", "p99_ms")) for p in peers] \
-        + [("podproxy", "podproxy-logs-off", None)]
+        + [("podproxy", "podproxy-logs-off", None), ("podproxy", "podproxy-b", None)]
     for a, b, only in rows:
         x, y = S.get(a), S.get(b)
         if not x or not y:
@@ -694,7 +698,7 @@ def table(S, ratios, chk, res):
 def chart(S, sizes):
     import math
     names = list(S.keys())
-    colors = {"direct": "#888888", "podproxy": "#d9480f", "podproxy-logs-off": "#f59f00", "nginx-gonka": "#1c7ed6",
+    colors = {"direct": "#888888", "podproxy": "#d9480f", "podproxy-logs-off": "#f59f00", "podproxy-b": "#862e9c", "nginx-gonka": "#1c7ed6",
               "nginx-tuned": "#4dabf7", "haproxy": "#37b24d"}
     W, H = 1440, 460
     svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',

@@ -9,14 +9,18 @@
 #   WORKLOADS=small,sse TARGETS=podproxy,nginx-tuned QUICK=1 benches/compare/run.sh
 #   WORKLOADS=burst QUICK=1 benches/compare/run.sh           # bursts of 1,000 and 2,000 new streams
 #   STRICT=1 benches/compare/run.sh   # exit status 3 when a target is missed
+#   PODPROXY_B_BIN=/tmp/old-podproxy TARGETS=podproxy,podproxy-b,nginx-tuned benches/compare/run.sh
+#                                     # A/B: this tree's build against another, both at their defaults
 #
 # Workloads: small, sse, burst, idle (2,000 slow streams), large. The targets (MET / MISSED)
 # are printed at the end and written to last-table.md; the script exits 0 when targets are
 # missed unless STRICT=1 (non-zero then). It exits non-zero on errors (a tool missing, the
 # simulator not starting) either way.
 #
-# Needs nginx, haproxy, wrk, curl, python3 and rustc (installs nothing):
-#   apt-get update && apt-get install -y nginx haproxy wrk curl python3
+# podproxy is the static musl binary hosts run (the image's), built here in release.
+# Needs nginx, haproxy, wrk, curl, python3, rustc and the musl target (installs nothing):
+#   apt-get update && apt-get install -y nginx haproxy wrk curl python3 musl-tools
+#   rustup target add x86_64-unknown-linux-musl
 # Writes benches/compare/results.json, benches/compare/chart.svg, benches/compare/last-table.md
 # and prints the Markdown table. Everything listens on 127.0.0.1 only; every process this
 # script starts is killed on exit.

@@ -7,8 +7,10 @@
 #   QUICK=1 benches/llm/run.sh            # about 4 minutes
 #   ARMS=lo,affinity QUICK=1 benches/llm/run.sh
 #
-# Needs nginx, haproxy, python3 and cargo (installs nothing):
-#   apt-get update && apt-get install -y nginx haproxy python3
+# Needs nginx, haproxy, python3, cargo and the musl target (podproxy is measured as the static
+# binary hosts run; installs nothing):
+#   apt-get update && apt-get install -y nginx haproxy python3 musl-tools
+#   rustup target add x86_64-unknown-linux-musl
 # Writes benches/llm/results.json and benches/llm/last-table.md and prints the table; exits
 # 1 when a target is not met.
 set -euo pipefail
