@@ -4,6 +4,7 @@ pub mod affinity;
 pub mod backend;
 pub mod health;
 pub mod pool;
+pub mod resolve;
 pub mod score;
 pub mod signals;
 
@@ -44,8 +45,10 @@ impl Upstream {
     /// Fails only if the TLS settings cannot be built (already checked by config
     /// validation, so only when files changed in between).
     pub fn new(cfg: UpstreamConfig) -> Result<Self, String> {
-        let mut http = HttpConnector::new();
-        // The resolver runs on every new connection, so a recreated container is found.
+        // Names are looked up again after a second, or after a connection to the address
+        // failed, so a recreated container is found (`resolve`).
+        let resolver = resolve::CachingResolver::new();
+        let mut http = HttpConnector::new_with_resolver(resolver.clone());
         http.set_nodelay(true);
         http.set_connect_timeout(Some(cfg.connect_timeout));
         http.set_keepalive(Some(Duration::from_secs(60)));
@@ -67,6 +70,7 @@ impl Upstream {
         let connector = builder.enable_http1().wrap_connector(http);
         let pool = Pool::new(
             connector,
+            resolver,
             &cfg.backends,
             cfg.rewrite_host,
             cfg.pool_idle_timeout,

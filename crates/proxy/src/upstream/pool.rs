@@ -17,6 +17,7 @@
 //! close before any byte was sent is retried once on a fresh connection.
 
 use super::backend::InFlight;
+use super::resolve::CachingResolver;
 use crate::body::Relay;
 use crate::config::BackendAddr;
 use http::{header, HeaderValue, Request, Response, Uri};
@@ -124,7 +125,9 @@ impl Idle {
 
 /// The idle connections of one upstream, per backend, and how new ones are made.
 pub struct Pool {
-    connector: HttpsConnector<HttpConnector>,
+    connector: HttpsConnector<HttpConnector<CachingResolver>>,
+    /// The connector's resolver, told to forget a name whose address did not connect.
+    resolver: CachingResolver,
     /// `scheme://authority` per backend (same order as the upstream's backends): what the
     /// connector resolves and connects to.
     targets: Vec<Uri>,
@@ -141,7 +144,8 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(
-        connector: HttpsConnector<HttpConnector>,
+        connector: HttpsConnector<HttpConnector<CachingResolver>>,
+        resolver: CachingResolver,
         backends: &[BackendAddr],
         rewrite_host: bool,
         idle_timeout: Duration,
@@ -169,6 +173,7 @@ impl Pool {
         h1.max_buf_size(crate::config::defaults::MAX_BUF_SIZE);
         let pool = Arc::new(Pool {
             connector,
+            resolver,
             idle: targets.iter().map(|_| Idle::new()).collect(),
             targets,
             hosts,
@@ -258,7 +263,15 @@ impl Pool {
         poll_fn(|cx| connector.poll_ready(cx))
             .await
             .map_err(SendError::Connect)?;
-        let io = connector.call(target).await.map_err(SendError::Connect)?;
+        let io = match connector.call(target.clone()).await {
+            Ok(io) => io,
+            Err(e) => {
+                if let Some(host) = target.host() {
+                    self.resolver.forget(host);
+                }
+                return Err(SendError::Connect(e));
+            }
+        };
         let (tx, driver) = self.h1.handshake(io).await.map_err(SendError::Http)?;
         // Boxed once per connection: it moves between pool and lease as one pointer, and a
         // response body that carries it stays small.
