@@ -339,14 +339,16 @@ async fn when_the_dapi_goes_away_the_start_is_followed_to_its_end() {
     wait_polls(&sim, 1).await;
     conn.stream.shutdown().await.unwrap();
     drop(conn);
-    // The polls go on until the mlnode says completed, and the outcome is counted.
+    // The polls go on until the mlnode says completed, and the outcome is counted. The
+    // count lands just after the last poll's answer, with no request after it to wait for:
+    // between scrapes, wait for the next poll or a short while, whichever comes first.
     bounded("outcome", async {
         loop {
             if outcomes(&scrape(&proxy).await, "completed") == Some(1.0) {
                 return;
             }
             sim.recorder()
-                .wait_for(sim.recorder().count() + 1, WAIT)
+                .wait_for(sim.recorder().count() + 1, Duration::from_millis(100))
                 .await;
         }
     })
@@ -467,6 +469,13 @@ async fn a_streaming_chat_whose_first_token_outlasts_the_hop_arrives_whole_with_
     );
     assert_eq!(
         m.get("podproxy_sse_keepalive_streams_total", upstream),
+        Some(1.0),
+        "{}",
+        m.text
+    );
+    // vLLM's head, observed by the keep-alive body; not podproxy's own head as well.
+    assert_eq!(
+        m.get("podproxy_upstream_ttfb_seconds_count", upstream),
         Some(1.0),
         "{}",
         m.text
@@ -750,4 +759,61 @@ async fn the_runpod_bridge_example_gets_a_dapi_inference_up_through_the_hop() {
         Some("application/json")
     );
     assert_eq!(calls[0].body_str(), UP_BODY);
+}
+
+#[tokio::test]
+async fn a_keepalive_stream_logs_its_own_head_as_ttfb() {
+    // podproxy's keep-alive head goes out after `sse_keepalive`, vLLM's after the prefill;
+    // the access line's ttfb_ms is the first (it used to say -1). The upstream's
+    // time-to-head histogram counts vLLM's head once (the keep-alive test above).
+    let vllm = VllmSim::start(VllmConfig {
+        prefill: Duration::from_millis(600),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let port = free_port();
+    let running = Podproxy::new()
+        .config_text(
+            "keepalive-log.toml",
+            &format!(
+                "[listeners.inference]\nbind = \"127.0.0.1:{port}\"\n\
+                 routes = [{{ prefix = \"/\", upstream = \"vllm\", sse_keepalive = \"100ms\" }}]\n\n\
+                 [upstreams.vllm]\nurls = \"{}\"\nhealth = {{ enabled = false }}\n",
+                vllm.url()
+            ),
+        )
+        .listening_on(port)
+        .start()
+        .await;
+    let mut conn = raw_chat(running.addr(), &chat(true), "").await;
+    let resp = conn.response().await;
+    assert_eq!(resp.status, 200);
+    assert!(
+        resp.body_str().contains(": keep-alive"),
+        "{}",
+        resp.body_str()
+    );
+    assert!(
+        resp.body_str().ends_with("data: [DONE]\n\n"),
+        "{}",
+        resp.body_str()
+    );
+
+    let line = running.wait_for_line("path=\"/v1/chat/completions\"").await;
+    let field = |name: &str| -> f64 {
+        let at = line
+            .find(&format!(" {name}="))
+            .unwrap_or_else(|| panic!("{name}: {line}"));
+        let rest = &line[at + name.len() + 2..];
+        rest.split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap_or_else(|e| panic!("{name}: {e}: {line}"))
+    };
+    let (ttfb, duration) = (field("ttfb_ms"), field("duration_ms"));
+    assert!(ttfb >= 0.0 && ttfb <= duration, "{line}");
+    assert!(duration >= 600.0, "{line}");
+    drop(running);
 }

@@ -51,6 +51,8 @@ pub struct Exchange {
     status: u16,
     started: Instant,
     ttfb: Option<Duration>,
+    /// `ttfb` is podproxy's own head (`own_head`), not the upstream's.
+    ttfb_is_own: bool,
     /// Shared with the request body's meter (`CountIn`), which counts as bytes arrive.
     bytes_in: Arc<AtomicU64>,
     bytes_out: u64,
@@ -99,6 +101,7 @@ impl Exchange {
             status: 0,
             started: Instant::now(),
             ttfb: None,
+            ttfb_is_own: false,
             bytes_in: Arc::new(AtomicU64::new(0)),
             bytes_out: 0,
             error: None,
@@ -142,6 +145,14 @@ impl Exchange {
     /// The response head is here (the upstream's, or podproxy's own answer to a long call).
     pub fn first_byte(&mut self) {
         self.ttfb = Some(self.started.elapsed());
+    }
+
+    /// podproxy sent its own head (an SSE keep-alive stream) while the upstream's is still
+    /// to come: the log's `ttfb_ms` is this head, and the upstream's time to its head is
+    /// observed by the keep-alive body, not here.
+    pub fn own_head(&mut self) {
+        self.ttfb = Some(self.started.elapsed());
+        self.ttfb_is_own = true;
     }
 
     /// podproxy answers with its own error response for `e`.
@@ -189,7 +200,7 @@ impl Exchange {
         l.bytes_in().inc_by(self.bytes_in.load(Ordering::Relaxed));
         l.bytes_out().inc_by(self.bytes_out);
         if let Some(up) = &self.upstream_series {
-            if let Some(t) = self.ttfb {
+            if let Some(t) = self.ttfb.filter(|_| !self.ttfb_is_own) {
                 up.ttfb().observe(t.as_secs_f64());
             }
             if let Some(sse) = &self.sse {

@@ -159,6 +159,7 @@ async fn forward(
                 match sent.await {
                     crate::sse_keepalive::Sent::Head(r) => r,
                     crate::sse_keepalive::Sent::KeepAlive(resp) => {
+                        ex.own_head();
                         ex.start_sse();
                         return Ok(resp);
                     }
