@@ -954,9 +954,9 @@ async fn stuck_engine_is_ejected_after_consecutive_first_byte_timeouts() {
     proxy.shutdown().await;
 }
 
-/// The stuck-engine guard exists because vLLM's /health says 200 while the engine hangs
-/// (issue 3, item 5). With health checks on, an engine ejected for first-byte timeouts must
-/// not be put back by the next /health 200 alone.
+/// The stuck-engine guard exists because vLLM's /health says 200 while the engine hangs.
+/// With health checks on, an engine ejected for first-byte timeouts must not be put back by
+/// the next /health 200 alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stuck_engine_stays_out_while_health_says_200() {
     let mut sims = sims(2).await;

@@ -1,4 +1,4 @@
-//! Graceful paths under load (issue #9 item 7): shutdown while 200 SSE streams are in
+//! Graceful paths under load: shutdown while 200 SSE streams are in
 //! flight lets every one of them finish cleanly within the grace period.
 
 mod support;

@@ -1,4 +1,4 @@
-//! Backend faults (issue 9, item 4): a backend killed mid-stream, one that never answers,
+//! Backend faults: a backend killed mid-stream, one that never answers,
 //! one that sends garbage, one that resets during the request body, one that restarts.
 //! Every case ends in a defined status or an aborted response, never a hang, podproxy keeps
 //! serving, and its in-flight counters return to zero.

@@ -1,4 +1,4 @@
-//! Malformed and ambiguous HTTP/1 from a hostile client (issue 9, item 1). Each case sends
+//! Malformed and ambiguous HTTP/1 from a hostile client. Each case sends
 //! raw bytes to podproxy in front of an `EchoServer`, records podproxy's answer (a status,
 //! or a closed connection), and proves from the backend's recorder that nothing ambiguous
 //! reached it: no smuggled second request, bodies exactly as podproxy framed them. After
