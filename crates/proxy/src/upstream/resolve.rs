@@ -3,7 +3,7 @@
 //! hyper-util's resolver runs `getaddrinfo` on a blocking thread for every new connection.
 //! A burst of new streams to a named backend (`mlnode-308` in the compose layout, resolved
 //! by Docker's DNS) then meant one DNS query and one blocking thread per stream: a burst of
-//! 1,000 streams to `localhost` started 42–120 threads and waited for them. Here the
+//! 1,000 streams to `localhost` started 42–204 threads and waited for them. Here the
 //! concurrent connections share one lookup, and its answer serves new connections for
 //! [`TTL`]. A recreated container is still found within that second, and at once after a
 //! connection to the old address fails ([`CachingResolver::forget`]).
