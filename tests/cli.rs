@@ -483,3 +483,102 @@ async fn sigterm_grace_period_bounds_the_drain() {
         "vLLM generation not cancelled"
     );
 }
+
+/// The access lines the binary writes, as a host reads them: every field in order in text
+/// (written by podproxy's own line formatter) and in JSON (through tracing); at `warn`
+/// only failures, still naming their path.
+#[tokio::test]
+async fn access_lines_carry_every_field_and_at_warn_only_failures() {
+    let vllm = VllmSim::start(VllmConfig::default()).await.unwrap();
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    for (format, level) in [("text", "info"), ("json", "info"), ("text", "warn")] {
+        let port = free_port();
+        let mut running = Podproxy::new()
+            .env("PODPROXY_LOG_FORMAT", format)
+            .config_text(
+                &format!("access-{format}-{level}.toml"),
+                &format!(
+                    "[server]\nlog_level = \"{level}\"\n\n\
+                     [listeners.inference]\nbind = \"127.0.0.1:{port}\"\n\
+                     routes = [{{ prefix = \"/dead/\", upstream = \"dead\" }}, \
+                     {{ prefix = \"/\", upstream = \"vllm\" }}]\n\n\
+                     [upstreams.vllm]\nurls = \"{}\"\nhealth = {{ enabled = false }}\n\n\
+                     [upstreams.dead]\nurls = \"{dead}\"\nhealth = {{ enabled = false }}\n",
+                    vllm.url()
+                ),
+            )
+            .listening_on(port)
+            .start()
+            .await;
+        let client = http_client();
+        for (path, status) in [("/v1/models?key=secret", 200), ("/dead/x", 502)] {
+            let (parts, _) = send(
+                &client,
+                Request::get(format!("{}{path}", running.url()))
+                    .header("x-request-id", "req-7")
+                    .body(full(""))
+                    .unwrap(),
+            )
+            .await;
+            assert_eq!(parts.status, status, "{format} {level} {path}");
+        }
+        // Exited: every line is written, so a missing one was never logged.
+        running.sigterm().await;
+        running.wait_exit(WAIT).await;
+        let logs = running.stderr();
+        let access: Vec<&str> = logs
+            .lines()
+            .filter(|l| l.contains("podproxy::access"))
+            .collect();
+        let expect = if level == "warn" { 1 } else { 2 };
+        assert_eq!(access.len(), expect, "{format} {level}:\n{logs}");
+        let failed = access[expect - 1];
+        if format == "json" {
+            let v: serde_json::Value =
+                serde_json::from_str(failed).unwrap_or_else(|e| panic!("{e}: {failed}"));
+            assert_eq!(v["level"], "WARN", "{failed}");
+            assert_eq!(v["path"], "/dead/x", "{failed}");
+            assert_eq!(v["status"], 502, "{failed}");
+            assert_eq!(v["request_id"], "req-7", "{failed}");
+            assert_eq!(v["outcome"], "refused", "{failed}");
+            continue;
+        }
+        let names: Vec<&str> = failed
+            .split_once("podproxy::access: ")
+            .unwrap_or_else(|| panic!("{failed}"))
+            .1
+            .split(' ')
+            .filter_map(|f| f.split_once('=').map(|(name, _)| name))
+            .filter(|n| n.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+            .collect();
+        assert_eq!(
+            names[..13],
+            [
+                "listener",
+                "method",
+                "path",
+                "status",
+                "upstream",
+                "backend",
+                "bytes_in",
+                "bytes_out",
+                "duration_ms",
+                "ttfb_ms",
+                "request_id",
+                "outcome",
+                "error"
+            ],
+            "{failed}"
+        );
+        assert!(failed.contains(" WARN podproxy::access: "), "{failed}");
+        assert!(failed.contains(" path=\"/dead/x\" status=502 "), "{failed}");
+        assert!(failed.contains(" request_id=\"req-7\" "), "{failed}");
+        if level == "info" {
+            let ok = access[0];
+            assert!(ok.contains(" INFO podproxy::access: "), "{ok}");
+            assert!(ok.contains(" path=\"/v1/models\" status=200 "), "{ok}");
+            assert!(ok.contains(" outcome=\"complete\" error=\"\""), "{ok}");
+            assert!(!logs.contains("secret"), "a query in the log: {logs}");
+        }
+    }
+}

@@ -85,7 +85,8 @@ impl Exchange {
         series: Arc<ListenerSeries>,
     ) -> Self {
         // Only the path is logged: no query (it may carry secrets), bounded in length.
-        let logged = tracing::enabled!(target: "podproxy::access", tracing::Level::INFO);
+        // Copied whenever any access line can be written: at `warn`, failures still are.
+        let logged = crate::access_line::enabled(true);
         let path = logged.then(|| match path.len() {
             // Nearly every path: one copy, no char-by-char growing.
             0..=256 => path.to_owned(),
@@ -224,32 +225,25 @@ impl Exchange {
         let outcome = self.outcome.unwrap_or(Outcome::ClientGone);
         // Milliseconds with microsecond resolution: readable and exact enough.
         let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
-        macro_rules! line {
-            ($level:ident) => {
-                tracing::$level!(
-                    target: "podproxy::access",
-                    listener = &*self.listener,
-                    method = self.method.as_str(),
-                    path = self.path.as_deref().unwrap_or("-"),
-                    status = self.status,
-                    upstream = self.upstream.as_deref().unwrap_or("-"),
-                    backend = self.backend.as_deref().unwrap_or("-"),
-                    bytes_in = self.bytes_in.load(Ordering::Relaxed),
-                    bytes_out = self.bytes_out,
-                    duration_ms = ms(self.started.elapsed()),
-                    ttfb_ms = self.ttfb.map(ms).unwrap_or(-1.0),
-                    request_id = self.request_id.to_str().unwrap_or("-"),
-                    outcome = outcome.as_str(),
-                    error = self.error.as_deref().unwrap_or(""),
-                )
-            };
+        crate::access_line::Line {
+            // Failures podproxy saw (upstream unreachable, broken streams) stand out.
+            warn: outcome == Outcome::Aborted
+                || (outcome == Outcome::Refused && self.status >= 500),
+            listener: &self.listener,
+            method: self.method.as_str(),
+            path: self.path.as_deref().unwrap_or("-"),
+            status: self.status,
+            upstream: self.upstream.as_deref().unwrap_or("-"),
+            backend: self.backend.as_deref().unwrap_or("-"),
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            bytes_out: self.bytes_out,
+            duration_ms: ms(self.started.elapsed()),
+            ttfb_ms: self.ttfb.map(ms).unwrap_or(-1.0),
+            request_id: self.request_id.to_str().unwrap_or("-"),
+            outcome: outcome.as_str(),
+            error: self.error.as_deref().unwrap_or(""),
         }
-        // Failures podproxy saw (upstream unreachable, broken streams) stand out as warnings.
-        if outcome == Outcome::Aborted || (outcome == Outcome::Refused && self.status >= 500) {
-            line!(warn);
-        } else {
-            line!(info);
-        }
+        .emit();
     }
 }
 

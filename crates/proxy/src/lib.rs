@@ -1,6 +1,7 @@
 //! podproxy: a streaming reverse proxy for Gonka ML nodes. docs/architecture.md describes
 //! the request's way through these modules; `forward` reads as one request's way.
 
+pub mod access_line;
 pub mod access_log;
 pub mod admin;
 pub mod body;

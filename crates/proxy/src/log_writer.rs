@@ -117,13 +117,14 @@ impl LogWriter {
     }
 }
 
-impl Write for LogWriter {
-    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+impl LogWriter {
+    /// Appends one whole line, or drops and counts it when the buffer is full.
+    pub fn append(&self, line: &[u8]) {
         let mut st = self.shared.lock();
         if st.closed || st.buf.len() + line.len() > self.shared.max {
             drop(st);
             self.shared.dropped.fetch_add(1, Ordering::Relaxed);
-            return Ok(line.len());
+            return;
         }
         st.buf.extend_from_slice(line);
         if st.writer_waiting {
@@ -131,6 +132,12 @@ impl Write for LogWriter {
             drop(st);
             self.shared.wake.notify_one();
         }
+    }
+}
+
+impl Write for LogWriter {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        self.append(line);
         Ok(line.len())
     }
 

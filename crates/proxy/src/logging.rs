@@ -66,6 +66,9 @@ pub fn init_background(format: LogFormat, level: &str) -> FlushGuard {
     let (writer, guard) =
         crate::log_writer::start(std::io::stderr(), crate::log_writer::MAX_BUFFERED);
     let _ = WRITER.set(writer.clone());
+    if format == LogFormat::Text && !colour() {
+        crate::access_line::write_directly_to(writer.clone());
+    }
     install(format, level, writer);
     guard
 }
@@ -105,7 +108,7 @@ thread_local! {
 }
 
 impl SecondCache {
-    fn write(w: &mut impl fmt::Write, now: std::time::SystemTime) -> fmt::Result {
+    pub(crate) fn write(w: &mut impl fmt::Write, now: std::time::SystemTime) -> fmt::Result {
         let Ok(since) = now.duration_since(std::time::UNIX_EPOCH) else {
             return write!(w, "{}", humantime::format_rfc3339_micros(now));
         };
@@ -167,7 +170,7 @@ pub struct PlainVisitor<'w> {
 }
 
 /// Printable ASCII without `"` and `\`: what `{:?}` writes unchanged between its quotes.
-fn needs_no_escaping(s: &str) -> bool {
+pub(crate) fn needs_no_escaping(s: &str) -> bool {
     s.bytes()
         .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
 }
@@ -293,7 +296,7 @@ impl Visit for PlainVisitor<'_> {
 /// representation search, which is exact: below 2^42 thousandths (about 50 days) doubles
 /// are closer together than 0.001, so the decimal with at most three fraction digits that
 /// equals the value is also its shortest representation. Anything else goes through `{:?}`.
-fn write_f64(w: &mut impl fmt::Write, value: f64) -> fmt::Result {
+pub(crate) fn write_f64(w: &mut impl fmt::Write, value: f64) -> fmt::Result {
     let k = (value * 1000.0).round();
     let fits = k.abs() < (1u64 << 42) as f64 && (value == 0.0 || value.abs() >= 1e-4);
     if !(fits && k / 1000.0 == value) || (value == 0.0 && value.is_sign_negative()) {
@@ -323,7 +326,7 @@ fn write_f64(w: &mut impl fmt::Write, value: f64) -> fmt::Result {
 
 /// A number's text built right to left in a fixed buffer, written with one `write_str`
 /// (the `{}` machinery costs several hundred instructions per field).
-struct Digits {
+pub(crate) struct Digits {
     buf: [u8; 24],
     at: usize,
 }
@@ -342,7 +345,7 @@ impl Digits {
     }
 
     /// `n`'s digits, with a `-` in front when `negative`.
-    fn of(n: u64, negative: bool) -> Self {
+    pub(crate) fn of(n: u64, negative: bool) -> Self {
         let mut d = Digits::new();
         d.number(n);
         if negative {
@@ -362,7 +365,7 @@ impl Digits {
         }
     }
 
-    fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         // Only ASCII digits, '.' and '-' were put.
         std::str::from_utf8(&self.buf[self.at..]).unwrap_or("?")
     }
