@@ -12,6 +12,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 
+use crate::upstream::own_wakes::OwnWakes;
 use crate::upstream::pool::Lease;
 
 /// How a relayed body failed. Returned as the body error, which makes hyper abort the
@@ -43,6 +44,8 @@ enum Source {
     Upstream {
         body: Incoming,
         lease: Lease,
+        /// The connection's waker: wakes it raises for this poll are not a second poll.
+        wakes: OwnWakes,
     },
     Full(Option<Bytes>),
     /// A `Replayable` body: taken out of the shared holder on first poll.
@@ -293,7 +296,11 @@ impl Relay {
     pub fn upstream(body: Incoming, lease: Lease, idle: Duration) -> Self {
         let idle = (!body.is_end_stream()).then(|| Idle::new(idle));
         Relay(Box::new(Parts {
-            source: Source::Upstream { body, lease },
+            source: Source::Upstream {
+                body,
+                wakes: lease.wakes(),
+                lease,
+            },
             idle,
             meter: None,
         }))
@@ -348,14 +355,14 @@ impl Body for Relay {
         let polled = match &mut this.source {
             Source::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Source::Stream(body) => poll_stream(body, &mut this.idle, cx),
-            Source::Upstream { body, lease } => {
+            Source::Upstream { body, lease, wakes } => wakes.poll(cx, |cx| {
                 lease.drive(cx);
                 let polled = poll_stream(body, &mut this.idle, cx);
                 if let Poll::Ready(None) = polled {
                     lease.release(Some(cx));
                 }
                 polled
-            }
+            }),
             Source::Shared { held, taken } => {
                 if taken.is_none() {
                     *taken = held.lock().ok().and_then(|mut s| s.take());
@@ -434,7 +441,7 @@ impl Drop for Relay {
     fn drop(&mut self) {
         // hyper stops polling a body once its length is reached (and never polls a 204 or
         // HEAD body): such a body has ended cleanly, and its connection is free.
-        if let Source::Upstream { body, lease } = &mut self.0.source {
+        if let Source::Upstream { body, lease, .. } = &mut self.0.source {
             if body.is_end_stream() {
                 lease.release(None);
             }

@@ -17,6 +17,7 @@
 //! close before any byte was sent is retried once on a fresh connection.
 
 use super::backend::InFlight;
+use super::own_wakes::OwnWakes;
 use super::resolve::CachingResolver;
 use crate::body::Relay;
 use crate::config::BackendAddr;
@@ -66,6 +67,8 @@ struct Conn {
     driver: http1::Connection<Io, Relay>,
     /// The driver finished (closed or failed); it must not be polled again.
     done: bool,
+    /// What the connection and its response bodies are polled with (see `own_wakes`).
+    wakes: OwnWakes,
 }
 
 impl Conn {
@@ -279,6 +282,7 @@ impl Pool {
             tx,
             driver,
             done: false,
+            wakes: OwnWakes::default(),
         }))
     }
 
@@ -390,20 +394,23 @@ impl Lease {
         let Some(conn) = self.conn.as_mut() else {
             return Err(Failed::Sent(SendError::Closed));
         };
+        let wakes = conn.wakes.clone();
         let mut response = pin!(conn.tx.try_send_request(req));
         let mut ended: Option<Result<(), hyper::Error>> = None;
         let polled = poll_fn(|cx| {
-            if ended.is_none() {
-                if let Poll::Ready(r) = conn.poll_drive(cx) {
-                    ended = Some(r);
+            wakes.poll(cx, |cx| {
+                if ended.is_none() {
+                    if let Poll::Ready(r) = conn.poll_drive(cx) {
+                        ended = Some(r);
+                    }
                 }
-            }
-            match response.as_mut().poll(cx) {
-                Poll::Ready(r) => Poll::Ready(Some(r)),
-                // The connection is over and answered nothing: nothing more can come.
-                Poll::Pending if ended.is_some() => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
-            }
+                match response.as_mut().poll(cx) {
+                    Poll::Ready(r) => Poll::Ready(Some(r)),
+                    // The connection is over and answered nothing: nothing more can come.
+                    Poll::Pending if ended.is_some() => Poll::Ready(None),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
         })
         .await;
         match polled {
@@ -420,6 +427,13 @@ impl Lease {
                 _ => SendError::Closed,
             })),
         }
+    }
+
+    /// What the connection is polled with: the body it feeds polls through it too.
+    pub fn wakes(&self) -> OwnWakes {
+        self.conn
+            .as_ref()
+            .map_or_else(OwnWakes::default, |c| c.wakes.clone())
     }
 
     /// Lets the connection read and write; called before every poll of the body it feeds.
