@@ -118,37 +118,47 @@ impl Line<'_> {
         out.push_str(if self.warn { "  WARN " } else { "  INFO " });
         out.push_str(TARGET);
         out.push_str(": ");
-        let quoted = |out: &mut String, name: &str, value: &str| {
-            out.push_str(name);
-            if needs_no_escaping(value) {
-                out.push('"');
-                out.push_str(value);
-                out.push('"');
-            } else {
-                let _ = write!(out, "{value:?}");
-            }
-        };
-        let number = |out: &mut String, name: &str, value: u64| {
-            out.push_str(name);
-            out.push_str(Digits::of(value, false).as_str());
-        };
-        let millis = |out: &mut String, name: &str, value: f64| {
-            out.push_str(name);
-            let _ = write_f64(out, value);
-        };
-        quoted(out, "listener=", self.listener);
-        quoted(out, " method=", self.method);
-        quoted(out, " path=", self.path);
-        number(out, " status=", u64::from(self.status));
-        quoted(out, " upstream=", self.upstream);
-        quoted(out, " backend=", self.backend);
-        number(out, " bytes_in=", self.bytes_in);
-        number(out, " bytes_out=", self.bytes_out);
-        millis(out, " duration_ms=", self.duration_ms);
-        millis(out, " ttfb_ms=", self.ttfb_ms);
-        quoted(out, " request_id=", self.request_id);
-        quoted(out, " outcome=", self.outcome);
-        quoted(out, " error=", self.error);
+        // Macros, not closures: each name is a constant its copy is compiled into (a
+        // closure's name is a runtime length, one more `memcpy` call per field).
+        macro_rules! quoted {
+            ($name:literal, $value:expr) => {{
+                let value: &str = $value;
+                if needs_no_escaping(value) {
+                    out.push_str(concat!($name, "\""));
+                    out.push_str(value);
+                    out.push('"');
+                } else {
+                    out.push_str($name);
+                    let _ = write!(out, "{value:?}");
+                }
+            }};
+        }
+        macro_rules! number {
+            ($name:literal, $value:expr) => {{
+                out.push_str($name);
+                out.push_str(Digits::of($value, false).as_str());
+            }};
+        }
+        macro_rules! millis {
+            ($name:literal, $value:expr) => {{
+                out.push_str($name);
+                let _ = write_f64(out, $value);
+            }};
+        }
+        out.reserve(320 + self.path.len() + self.error.len());
+        quoted!("listener=", self.listener);
+        quoted!(" method=", self.method);
+        quoted!(" path=", self.path);
+        number!(" status=", u64::from(self.status));
+        quoted!(" upstream=", self.upstream);
+        quoted!(" backend=", self.backend);
+        number!(" bytes_in=", self.bytes_in);
+        number!(" bytes_out=", self.bytes_out);
+        millis!(" duration_ms=", self.duration_ms);
+        millis!(" ttfb_ms=", self.ttfb_ms);
+        quoted!(" request_id=", self.request_id);
+        quoted!(" outcome=", self.outcome);
+        quoted!(" error=", self.error);
         out.push('\n');
     }
 }
