@@ -21,8 +21,10 @@ STRICT = os.environ.get("STRICT", "") not in ("", "0")
 TARGETS = os.environ.get("TARGETS", "direct,podproxy,podproxy-logs-off,nginx-gonka,nginx-tuned,haproxy").split(",")
 # WORKLOADS=small,sse runs a subset (for optimisation loops; the README table is a full run)
 WORKLOADS = os.environ.get("WORKLOADS", "small,sse,burst,idle,large").split(",")
-# podproxy-b: a second build (PODPROXY_B_BIN) at its defaults, for A/B runs between builds
-PODPROXIES = ("podproxy", "podproxy-logs-off", "podproxy-b")
+# podproxy-b: a second build (PODPROXY_B_BIN) at its defaults, for A/B runs between builds;
+# podproxy-named: podproxy with its upstreams named (`localhost`) as the compose layout
+# names them, so new connections go through its resolver (opt-in, not in the default run)
+PODPROXIES = ("podproxy", "podproxy-logs-off", "podproxy-b", "podproxy-named")
 PODPROXY_B = os.environ.get("PODPROXY_B_BIN")
 if "podproxy-b" in TARGETS and not PODPROXY_B:
     raise SystemExit("TARGETS names podproxy-b: set PODPROXY_B_BIN to the podproxy build to compare with")
@@ -226,7 +228,7 @@ backend echo
 """
 
 
-def podproxy_conf(port, sim, logs=True):
+def podproxy_conf(port, sim, logs=True, host="127.0.0.1"):
     # podproxy defaults: only ports and upstreams (access log on: its lines are INFO, the
     # default level). podproxy-logs-off adds log_level = "warn", which turns it off.
     server = "" if logs else '[server]\nlog_level = "warn"\n'
@@ -234,9 +236,9 @@ def podproxy_conf(port, sim, logs=True):
 bind = "127.0.0.1:{port}"
 routes = [{{ prefix = "/v1/", upstream = "vllm" }}, {{ prefix = "/", upstream = "echo" }}]
 [upstreams.echo]
-urls = "http://127.0.0.1:{sim.echo}"
+urls = "http://{host}:{sim.echo}"
 [upstreams.vllm]
-urls = "http://127.0.0.1:{sim.vllm}"
+urls = "http://{host}:{sim.vllm}"
 """
 
 
@@ -282,7 +284,8 @@ def start_target(name, sim):
     port = free_port()
     if name in PODPROXIES:
         cfg = os.path.join(d, "podproxy.toml")
-        open(cfg, "w").write(podproxy_conf(port, sim, logs=name != "podproxy-logs-off"))
+        host = "localhost" if name == "podproxy-named" else "127.0.0.1"
+        open(cfg, "w").write(podproxy_conf(port, sim, logs=name != "podproxy-logs-off", host=host))
         argv = [PODPROXY_B if name == "podproxy-b" else PODPROXY, "--config", cfg]
     elif name in ("nginx-gonka", "nginx-tuned"):
         cfg = os.path.join(d, "nginx.conf")
@@ -516,7 +519,8 @@ def summarize(res):
     # podproxy (default config, access log on) is the row that counts; podproxy-logs-off
     # gets small-request ratios only, and podproxy/podproxy-logs-off shows the log's cost
     rows = [("podproxy", p, None) for p in peers] + [("podproxy-logs-off", p, ("rps", "p99_ms")) for p in peers] \
-        + [("podproxy", "podproxy-logs-off", None), ("podproxy", "podproxy-b", None)]
+        + [("podproxy", "podproxy-logs-off", None), ("podproxy", "podproxy-b", None),
+           ("podproxy", "podproxy-named", None)]
     for a, b, only in rows:
         x, y = S.get(a), S.get(b)
         if not x or not y:
@@ -698,7 +702,7 @@ def table(S, ratios, chk, res):
 def chart(S, sizes):
     import math
     names = list(S.keys())
-    colors = {"direct": "#888888", "podproxy": "#d9480f", "podproxy-logs-off": "#f59f00", "podproxy-b": "#862e9c", "nginx-gonka": "#1c7ed6",
+    colors = {"direct": "#888888", "podproxy": "#d9480f", "podproxy-logs-off": "#f59f00", "podproxy-b": "#862e9c", "podproxy-named": "#5c940d", "nginx-gonka": "#1c7ed6",
               "nginx-tuned": "#4dabf7", "haproxy": "#37b24d"}
     W, H = 1440, 460
     svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',

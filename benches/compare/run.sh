@@ -11,6 +11,8 @@
 #   STRICT=1 benches/compare/run.sh   # exit status 3 when a target is missed
 #   PODPROXY_B_BIN=/tmp/old-podproxy TARGETS=podproxy,podproxy-b,nginx-tuned benches/compare/run.sh
 #                                     # A/B: this tree's build against another, both at their defaults
+#   WORKLOADS=small,burst TARGETS=podproxy,podproxy-named benches/compare/run.sh
+#                                     # upstreams named `localhost` (through podproxy's resolver)
 #
 # Workloads: small, sse, burst, idle (2,000 slow streams), large. The targets (MET / MISSED)
 # are printed at the end and written to last-table.md; the script exits 0 when targets are
