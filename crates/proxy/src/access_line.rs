@@ -166,24 +166,11 @@ impl Line<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::logging::tests::Buf;
     use crate::logging::PlainFields;
-    use std::sync::{Arc, Mutex};
     use std::time::{Duration, UNIX_EPOCH};
     use tracing_subscriber::fmt::format::Writer;
     use tracing_subscriber::fmt::time::FormatTime;
-
-    #[derive(Clone, Default)]
-    struct Buf(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Buf {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
 
     /// 2026-12-01T23:59:59.012345Z, for both formatters.
     fn at() -> SystemTime {
