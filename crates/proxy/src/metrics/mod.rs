@@ -575,6 +575,11 @@ pub struct SseScan {
     last_byte_newline: bool,
 }
 
+/// The blank line that ends an event, as a searcher built once: building one per frame
+/// (`memmem::find_iter`) cost more than the search.
+static EVENT_END: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\n\n"));
+
 impl SseScan {
     /// Events completed by this frame.
     pub fn scan(&mut self, data: &[u8]) -> u64 {
@@ -582,7 +587,7 @@ impl SseScan {
         if self.last_byte_newline && data.first() == Some(&b'\n') {
             n += 1;
         }
-        n += memchr::memmem::find_iter(data, b"\n\n").count() as u64;
+        n += EVENT_END.find_iter(data).count() as u64;
         if let Some(&last) = data.last() {
             // "\n\n\n" at the boundary must not count twice: only a lone trailing '\n'
             // can pair with the next frame's first byte.
