@@ -29,9 +29,9 @@ pub(crate) fn write_directly_to(writer: LogWriter) {
 /// Whether access lines are written at all, at info (a line that went well) or at warn.
 pub fn enabled(warn: bool) -> bool {
     if warn {
-        tracing::enabled!(target: "podproxy::access", tracing::Level::WARN)
+        tracing::enabled!(target: TARGET, tracing::Level::WARN)
     } else {
-        tracing::enabled!(target: "podproxy::access", tracing::Level::INFO)
+        tracing::enabled!(target: TARGET, tracing::Level::INFO)
     }
 }
 
@@ -86,7 +86,7 @@ impl Line<'_> {
         macro_rules! event {
             ($level:ident) => {
                 tracing::$level!(
-                    target: "podproxy::access",
+                    target: TARGET,
                     listener = self.listener,
                     method = self.method,
                     path = self.path,
