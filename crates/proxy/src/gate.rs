@@ -9,6 +9,7 @@ use crate::route::{normalize_for_match, normalize_keep_dot_dot};
 use http::{header, HeaderMap};
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 use std::net::IpAddr;
 use subtle::ConstantTimeEq;
 
@@ -82,12 +83,14 @@ impl Gate {
             return Ok(());
         }
         let path = normalize_for_match(upstream_path);
-        let undotted = normalize_keep_dot_dot(upstream_path);
-        if self
-            .block
-            .iter()
-            .any(|b| segment_prefix(&path, b) || segment_prefix(&undotted, b))
-        {
+        // A path already in normal form (borrowed) is its own undotted form too.
+        let undotted = match &path {
+            Cow::Borrowed(_) => None,
+            Cow::Owned(_) => Some(normalize_keep_dot_dot(upstream_path)),
+        };
+        if self.block.iter().any(|b| {
+            segment_prefix(&path, b) || undotted.as_ref().is_some_and(|u| segment_prefix(u, b))
+        }) {
             return Err(ProxyError::Forbidden(
                 "this path is blocked on this listener".into(),
             ));

@@ -127,7 +127,10 @@ pub fn normalize_keep_dot_dot(path: &str) -> std::borrow::Cow<'_, str> {
 /// A path with nothing to decode, no empty segment and no dot segment is already in
 /// normal form: the common case costs no allocation.
 fn already_normal(path: &str) -> bool {
-    path.starts_with('/') && !path.contains(['%']) && !path.contains("//") && !path.contains("/.")
+    let b = path.as_bytes();
+    b.first() == Some(&b'/')
+        && memchr::memchr(b'%', b).is_none()
+        && memchr::memchr_iter(b'/', b).all(|i| !matches!(b.get(i + 1), Some(b'/' | b'.')))
 }
 
 fn normalize(path: &str, resolve_dot_dot: bool) -> std::borrow::Cow<'_, str> {
@@ -231,7 +234,9 @@ mod tests {
             assert_eq!(normalize_slow(p, true), p);
             assert_eq!(normalize_slow(p, false), p);
         }
-        for p in ["/a//b", "/a/./b", "/a/../b", "/%61", "/a/.", "x", "/.env"] {
+        for p in [
+            "/a//b", "/a/./b", "/a/../b", "/%61", "/a/.", "x", "/.env", "", "//", "/a/%",
+        ] {
             assert!(!already_normal(p), "{p}");
         }
     }
