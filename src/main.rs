@@ -74,11 +74,13 @@ fn main() -> ExitCode {
                 Some(p) => ConfigSource::File(p.clone()),
                 None => ConfigSource::Embedded,
             };
+            // While podproxy has one thread: a grown descriptor table costs no wait then.
+            let fds = proxy::fd_table::prepare(&config);
             // Connections are served on the server's own worker threads
             // (`server.worker_threads`); this runtime keeps the accept loops, admin API,
             // health checks, reloads and signals, which one thread carries.
             match runtime(Some(1)) {
-                Ok(rt) => rt.block_on(run(config, source)),
+                Ok(rt) => rt.block_on(run(config, source, fds)),
                 Err(code) => code,
             }
         }
@@ -171,11 +173,11 @@ fn check(path: Option<PathBuf>, skip_bind: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-async fn run(config: Config, source: ConfigSource) -> ExitCode {
+async fn run(config: Config, source: ConfigSource, fds: proxy::fd_table::Prepared) -> ExitCode {
     // Held until the end of `run`: dropping it flushes the buffered log lines.
     let _log_guard =
         proxy::logging::init_background(config.server.log_format, &config.server.log_level);
-    proxy::signals::raise_fd_limit();
+    fds.log();
     proxy::signals::catch_hangup_early();
     let server = match proxy::Server::bind(&config).await {
         Ok(s) => s,

@@ -582,3 +582,28 @@ async fn access_lines_carry_every_field_and_at_warn_only_failures() {
         }
     }
 }
+
+/// The descriptor table is grown before the first thread, for the connections the
+/// listeners allow (two each): a burst of new streams then never waits for it to grow.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_descriptor_table_is_grown_at_start() {
+    let vllm = VllmSim::start(VllmConfig::default()).await.unwrap();
+    let running = serve("fds", "5s", &vllm.url()).await;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", running.pid())).unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", running.pid())).unwrap();
+    let field = |text: &str, key: &str| -> u64 {
+        let line = text.lines().find(|l| l.starts_with(key)).unwrap();
+        line[key.len()..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let size = field(&status, "FDSize:");
+    let soft_limit = field(&limits, "Max open files");
+    // One listener with the default 10,000 connections: 20,064 slots, or the limit.
+    let want = 20_064.min(soft_limit);
+    assert!(size >= want, "FDSize {size} < {want} (limit {soft_limit})");
+}

@@ -9,6 +9,7 @@ pub mod config;
 pub mod conn;
 pub mod detect;
 pub mod error;
+pub mod fd_table;
 pub mod forward;
 pub mod gate;
 pub mod headers;

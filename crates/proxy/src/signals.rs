@@ -28,15 +28,6 @@ pub async fn shutdown() {
     }
 }
 
-/// Raises the soft open-file limit to the hard limit: every proxied stream holds two
-/// sockets, and the usual soft limit of 1024 would cap a node near 500 streams.
-pub fn raise_fd_limit() {
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(n) => tracing::debug!(limit = n, "open-file limit"),
-        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
-    }
-}
-
 /// Installs the SIGHUP handler now, so a SIGHUP that arrives while the server is still
 /// starting does not kill the process (tokio keeps a handler registered for the process
 /// lifetime). Call before binding.
