@@ -23,8 +23,8 @@ const MAX_SLOTS: u64 = 65_536;
 pub struct Prepared {
     /// The soft open-file limit after raising it to the hard limit.
     limit: std::io::Result<u64>,
-    /// The slots reserved in the descriptor table.
-    reserved: std::io::Result<u64>,
+    /// The slots reserved in the descriptor table; `None` without a known limit.
+    reserved: Option<std::io::Result<u64>>,
 }
 
 /// Raises the soft open-file limit to the hard limit (every stream holds two sockets, and
@@ -32,10 +32,10 @@ pub struct Prepared {
 /// descriptor table for the connections `config` allows. Call before starting any thread.
 pub fn prepare(config: &Config) -> Prepared {
     let limit = rlimit::increase_nofile_limit(u64::MAX);
-    let reserved = match &limit {
-        Ok(limit) => reserve(slots_for(config).min(*limit)),
-        Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
-    };
+    let reserved = limit
+        .as_ref()
+        .ok()
+        .map(|limit| reserve(slots_for(config).min(*limit)));
     Prepared { limit, reserved }
 }
 
@@ -46,15 +46,16 @@ impl Prepared {
             Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
         }
         match &self.reserved {
-            Ok(n) => tracing::debug!(slots = n, "descriptor table grown"),
+            Some(Ok(n)) => tracing::debug!(slots = n, "descriptor table grown"),
             // Nothing is lost: the table grows as it needs to, with the waits above.
-            Err(e) => tracing::info!("cannot grow the descriptor table ahead: {e}"),
+            Some(Err(e)) => tracing::info!("cannot grow the descriptor table ahead: {e}"),
+            None => {}
         }
     }
 }
 
 /// The table size for `config`: room for every connection its listeners allow.
-pub fn slots_for(config: &Config) -> u64 {
+fn slots_for(config: &Config) -> u64 {
     let connections: u64 = config
         .listeners
         .iter()
@@ -65,7 +66,7 @@ pub fn slots_for(config: &Config) -> u64 {
 
 /// Grows the descriptor table to hold descriptors below `slots`: a duplicate at the
 /// highest one makes the kernel size the table for it, and closing it keeps the size.
-pub fn reserve(slots: u64) -> std::io::Result<u64> {
+fn reserve(slots: u64) -> std::io::Result<u64> {
     let Some(highest) = slots.checked_sub(1) else {
         return Ok(0);
     };
