@@ -138,7 +138,7 @@ impl Prefetched {
             };
             let next = std::future::poll_fn(|cx| poll_stream(body, &mut idle, cx)).await;
             if let Some(i) = &mut idle {
-                i.waiting = false;
+                i.stop();
             }
             match next {
                 None => pending.rest = None,
@@ -246,36 +246,49 @@ struct Parts {
 /// a connection or a queue before anyone reads it), and not while the reader does not
 /// poll (a client that is slow to take the response is `send_timeout`'s business). A body
 /// whose frames are ready when polled (most small ones) never touches the timer wheel.
+///
+/// The timer is moved lazily, as nginx moves its timers: a new wait keeps the timer where
+/// an earlier wait put it (sooner than this wait's deadline) and moves it only when it
+/// fires. A stream of SSE events waits once per event; re-arming the timer each time
+/// took it out of tokio's timer wheel and put it back per event.
 struct Idle {
     limit: Duration,
-    /// Made on the first wait, re-armed on each later one.
+    /// When the current wait began; `None` while frames are coming.
+    since: Option<Instant>,
+    /// Made on the first wait; its deadline may be an earlier wait's.
     timer: Option<Pin<Box<Sleep>>>,
-    waiting: bool,
 }
 
 impl Idle {
     fn new(limit: Duration) -> Self {
         Idle {
             limit,
+            since: None,
             timer: None,
-            waiting: false,
         }
     }
 
     /// Nothing is ready: start the clock if this wait is new, then see if it ran out.
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if !self.waiting {
-            self.waiting = true;
-            let deadline = Instant::now() + self.limit;
-            match &mut self.timer {
-                Some(timer) => timer.as_mut().reset(deadline),
-                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+        let deadline = *self.since.get_or_insert_with(Instant::now) + self.limit;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        // Twice at most: a timer left at an earlier wait's deadline fires, is moved to this
+        // wait's, and is polled once more.
+        for _ in 0..2 {
+            ready!(timer.as_mut().poll(cx));
+            if timer.deadline() >= deadline {
+                return Poll::Ready(());
             }
+            timer.as_mut().reset(deadline);
         }
-        match &mut self.timer {
-            Some(timer) => timer.as_mut().poll(cx),
-            None => Poll::Pending,
-        }
+        Poll::Pending
+    }
+
+    /// A frame came: the wait is over.
+    fn stop(&mut self) {
+        self.since = None;
     }
 }
 
@@ -378,7 +391,7 @@ impl Body for Relay {
         match &out {
             Some(Ok(frame)) => {
                 if let Some(idle) = &mut this.idle {
-                    idle.waiting = false;
+                    idle.stop();
                 }
                 if let (Some(m), Some(data)) = (&mut this.meter, frame.data_ref()) {
                     m.frame(data);
@@ -450,5 +463,46 @@ impl Drop for Relay {
         if self.0.meter.is_some() && self.is_end_stream() {
             self.0.finish(Ok(()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Idle;
+    use std::task::{Context, Poll, Waker};
+    use std::time::Duration;
+    use tokio::time::advance;
+
+    const LIMIT: Duration = Duration::from_secs(10);
+
+    fn poll(idle: &mut Idle) -> Poll<()> {
+        idle.poll_expired(&mut Context::from_waker(Waker::noop()))
+    }
+
+    /// The timer stays at the first wait's deadline and moves only when it fires: every
+    /// wait still gets its full `limit`, counted from its own start.
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_gets_its_full_limit_though_the_timer_moves_late() {
+        let mut idle = Idle::new(LIMIT);
+        assert!(poll(&mut idle).is_pending()); // wait 1 from t = 0
+        advance(Duration::from_secs(6)).await;
+        idle.stop(); // a frame at t = 6
+        assert!(poll(&mut idle).is_pending()); // wait 2 from t = 6: deadline t = 16
+        advance(Duration::from_secs(5)).await; // t = 11: wait 1's deadline has passed
+        assert!(poll(&mut idle).is_pending());
+        advance(Duration::from_secs(4)).await; // t = 15
+        assert!(poll(&mut idle).is_pending());
+        advance(Duration::from_secs(1)).await; // t = 16
+        assert!(poll(&mut idle).is_ready());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_first_wait_runs_out_at_its_limit() {
+        let mut idle = Idle::new(LIMIT);
+        assert!(poll(&mut idle).is_pending());
+        advance(LIMIT - Duration::from_millis(1)).await;
+        assert!(poll(&mut idle).is_pending());
+        advance(Duration::from_millis(1)).await;
+        assert!(poll(&mut idle).is_ready());
     }
 }
