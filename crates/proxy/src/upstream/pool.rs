@@ -8,9 +8,13 @@
 //! on its backend's idle stack when the response has ended and it can take another request.
 //!
 //! Each backend has one idle stack per connection worker (`workers`) and one for other
-//! threads: a request takes a connection its own worker parked first, so the connection's
-//! socket is in the same thread's epoll as the client's; only when that stack is empty
-//! does it take one parked by another worker (still cheaper than a new connection).
+//! threads. A connection's socket stays in the epoll of the thread that opened it (its
+//! home), and it is always parked on its home's stack. A request takes a connection from
+//! its own worker's stack first, so the socket is in the same thread's epoll as the
+//! client's; only when that stack is empty does it borrow one from another worker's (still
+//! cheaper than a new connection), for that one request: the other worker's epoll reports
+//! the socket's readiness and wakes this one across threads, so a borrowed connection goes
+//! back to its home's stack, not to the borrower's.
 //!
 //! Parked connections are not polled. A close by the backend (uvicorn closes after 5 s) is
 //! read at checkout, expired ones are swept, and a request that still loses the race with a
@@ -69,6 +73,8 @@ struct Conn {
     done: bool,
     /// What the connection and its response bodies are polled with (see `own_wakes`).
     wakes: OwnWakes,
+    /// The worker whose epoll has the socket (`None`: a thread that is not a worker).
+    home: Option<usize>,
 }
 
 impl Conn {
@@ -114,8 +120,13 @@ impl Idle {
 
     /// The stack of the current thread.
     fn own(&self) -> usize {
+        self.stack_of(crate::workers::current())
+    }
+
+    /// The stack of `worker`'s connections (`None`: threads that are not workers).
+    fn stack_of(&self, worker: Option<usize>) -> usize {
         let workers = self.stacks.len() - 1;
-        crate::workers::current().map_or(workers, |w| w % workers)
+        worker.map_or(workers, |w| w % workers)
     }
 
     /// Takes the most recently parked connection, from `stack` only.
@@ -283,6 +294,7 @@ impl Pool {
             driver,
             done: false,
             wakes: OwnWakes::default(),
+            home: crate::workers::current(),
         }))
     }
 
@@ -294,7 +306,7 @@ impl Pool {
             idle.count.fetch_sub(1, Ordering::Relaxed);
             return;
         }
-        let rejected = match idle.stacks.get(idle.own()).map(|s| s.lock()) {
+        let rejected = match idle.stacks.get(idle.stack_of(conn.home)).map(|s| s.lock()) {
             Some(Ok(mut stack)) => {
                 stack.push(Parked {
                     conn,
@@ -315,6 +327,16 @@ impl Pool {
         self.idle
             .get(backend)
             .map_or(0, |i| i.count.load(Ordering::Relaxed))
+    }
+
+    /// Parked connections of `backend` per stack (workers' stacks, then the others').
+    #[cfg(test)]
+    fn parked_per_stack(&self, backend: usize) -> Vec<usize> {
+        self.idle[backend]
+            .stacks
+            .iter()
+            .map(|s| s.lock().map_or(0, |s| s.len()))
+            .collect()
     }
 
     /// Parked connections, all backends.
@@ -460,5 +482,69 @@ impl Lease {
         if conn.reusable(cx.unwrap_or(&mut noop)) {
             self.pool.park(self.backend, conn);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workers::Workers;
+    use http_body_util::BodyExt;
+
+    fn pool(backend: &str) -> Arc<Pool> {
+        let resolver = CachingResolver::new();
+        let mut http = HttpConnector::new_with_resolver(resolver.clone());
+        http.enforce_http(false);
+        let tls = crate::config::tls::client_config(&Default::default()).unwrap();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let backends = [crate::config::parse_backend(backend).unwrap()];
+        Pool::new(
+            connector,
+            resolver,
+            &backends,
+            false,
+            Duration::from_secs(60),
+            8,
+        )
+        .unwrap()
+    }
+
+    /// One request through `pool` on `worker`, its body read to the end (which parks the
+    /// connection).
+    async fn one_request(pool: &Arc<Pool>, worker: &tokio::runtime::Handle) {
+        let pool = pool.clone();
+        let (done, result) = tokio::sync::oneshot::channel();
+        worker.spawn(async move {
+            let req = Request::get("/bytes/10").body(Relay::empty()).unwrap();
+            let (resp, lease) = pool.send(0, req).await.unwrap();
+            let body = Relay::upstream(resp.into_body(), lease, Duration::from_secs(10));
+            let bytes = body.collect().await.unwrap().to_bytes();
+            let _ = done.send(bytes.len());
+        });
+        let got = tokio::time::timeout(Duration::from_secs(10), result).await;
+        assert!(matches!(got, Ok(Ok(10))), "{got:?}");
+    }
+
+    /// A worker that borrows another's connection hands it back to that worker's stack:
+    /// the socket is in the other worker's epoll, so on the borrower's stack every later
+    /// request over it would be woken across threads.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_borrowed_connection_is_parked_on_its_home_stack() {
+        let echo = testkit::echo::EchoServer::start().await.unwrap();
+        let pool = pool(&echo.url());
+        let workers = Workers::start(2).unwrap();
+        let (first, second) = (workers.pick().clone(), workers.pick().clone());
+        let home = pool.idle[0].stack_of(Some(0));
+        let mut expected = vec![0; pool.idle[0].stacks.len()];
+        expected[home] = 1;
+
+        one_request(&pool, &first).await; // opens a connection on worker 0, parks it there
+        assert_eq!(pool.parked_per_stack(0), expected);
+        one_request(&pool, &second).await; // worker 1's stack is empty: it borrows
+        assert_eq!(pool.parked_per_stack(0), expected);
     }
 }
