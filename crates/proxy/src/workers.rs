@@ -99,11 +99,11 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Why: when a timer is set to fire before every timer the worker's driver knew of when it
 /// last went to sleep (or when it knew of none), tokio wakes the driver through its
 /// `eventfd` so it can sleep shorter, even when the timer is set on the driver's own
-/// thread and it is not asleep. hyper sets one (the 10 s `header_timeout`) each time a
-/// keep-alive connection waits for its next request; a worker whose other connections all
-/// waited on upstreams (30 min timers) took that path, about once per four small requests:
-/// an 8-byte `write` and a wasted `epoll_wait` return. With a timer always due within a
-/// second, none of those is earlier.
+/// thread and it is not asleep. hyper sets one (`header_timeout`, 10 s by default) each
+/// time a keep-alive connection waits for its next request; a worker whose other
+/// connections all waited on upstreams (30 min timers) took that path, about once per four
+/// small requests: an 8-byte `write` and a wasted `epoll_wait` return. With a timer always
+/// due within a second, no timer of a second or more is earlier.
 async fn heartbeat() {
     let mut tick = tokio::time::interval(HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
