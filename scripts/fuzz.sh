@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every cargo-fuzz target for FUZZ_SECONDS (default 60) each (issue 9, item 3).
+# Runs every cargo-fuzz target (fuzz/fuzz_targets/) for FUZZ_SECONDS (default 60) each.
 # Needs a nightly toolchain and cargo-fuzz (`cargo install cargo-fuzz`).
 # The committed corpus under fuzz/corpus/<target>/ is the seed; new inputs are collected in
 # a scratch directory (the committed corpus stays small). A crash stops the script with the
@@ -10,7 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 SECS=${FUZZ_SECONDS:-60}
 targets=("$@")
-[ ${#targets[@]} -eq 0 ] && targets=(config poc_check route headers)
+if [ ${#targets[@]} -eq 0 ]; then
+  for f in fuzz_targets/*.rs; do targets+=("$(basename "$f" .rs)"); done
+fi
 cargo +nightly fuzz build
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Bounded soak of the release podproxy binary (issue 9, item 6).
+# Bounded soak of the release podproxy binary.
 #
 # Runs podproxy (target/release/podproxy) in front of two simulated vLLM backends and an
 # echo server (target/release/podproxy-sim), drives mixed traffic for SOAK_DURATION seconds

@@ -54,7 +54,7 @@ fuzz_target!(|data: &[u8]| {
         assert!(!map.contains_key(&n), "{n} named by Connection left");
     }
     assert!(map.keys().all(|k| !k.as_str().starts_with("proxy-")));
-    proxy::headers::set_forwarded(&mut map, ip, "https");
+    proxy::headers::set_forwarded(&mut map, &proxy::headers::client_ip_value(ip), "https");
     assert_eq!(map.get_all("x-real-ip").iter().count(), 1);
     assert_eq!(map.get_all("x-forwarded-proto").iter().count(), 1);
     let xff: Vec<_> = map.get_all("x-forwarded-for").iter().collect();
