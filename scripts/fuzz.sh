@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every cargo-fuzz target (fuzz/fuzz_targets/) for FUZZ_SECONDS (default 60) each.
+# Runs every cargo-fuzz target (`cargo fuzz list`) for FUZZ_SECONDS (default 60) each.
 # Needs a nightly toolchain and cargo-fuzz (`cargo install cargo-fuzz`).
 # The committed corpus under fuzz/corpus/<target>/ is the seed; new inputs are collected in
 # a scratch directory (the committed corpus stays small). A crash stops the script with the
@@ -10,9 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 SECS=${FUZZ_SECONDS:-60}
 targets=("$@")
-if [ ${#targets[@]} -eq 0 ]; then
-  for f in fuzz_targets/*.rs; do targets+=("$(basename "$f" .rs)"); done
-fi
+# cargo-fuzz's own list: the [[bin]] targets of fuzz/Cargo.toml
+[ ${#targets[@]} -eq 0 ] && mapfile -t targets < <(cargo +nightly fuzz list)
 cargo +nightly fuzz build
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
