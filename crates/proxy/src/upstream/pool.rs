@@ -8,13 +8,17 @@
 //! on its backend's idle stack when the response has ended and it can take another request.
 //!
 //! Each backend has one idle stack per connection worker (`workers`) and one for other
-//! threads. A connection's socket stays in the epoll of the thread that opened it (its
-//! home), and it is always parked on its home's stack. A request takes a connection from
-//! its own worker's stack first, so the socket is in the same thread's epoll as the
-//! client's; only when that stack is empty does it borrow one from another worker's (still
-//! cheaper than a new connection), for that one request: the other worker's epoll reports
-//! the socket's readiness and wakes this one across threads, so a borrowed connection goes
-//! back to its home's stack, not to the borrower's.
+//! threads. A connection's socket is in the epoll of the thread that opened it (its home),
+//! and it is parked on its home's stack. A request takes a connection from its own
+//! worker's stack first, so the socket is in the same thread's epoll as the client's; only
+//! when that stack is empty does it take one from another stack (still cheaper than a new
+//! connection), and a worker then adopts it ([`Pool::adopt`]): the socket moves into the
+//! worker's epoll and the connection becomes the worker's own. Left where it was, the
+//! other thread's epoll would report each of its events and wake this one across threads:
+//! worst on a quiet node, where the workers' connections expire between requests while the
+//! health checks (on the control thread, which otherwise sleeps) keep theirs warm. A thread
+//! that is not a worker (the health checks) borrows without adopting, so the connection
+//! goes back to its home's stack.
 //!
 //! Parked connections are not polled. A close by the backend (uvicorn closes after 5 s) is
 //! read at checkout, expired ones are swept, and a request that still loses the race with a
@@ -32,6 +36,7 @@ use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use std::future::{poll_fn, Future};
+use std::os::fd::AsFd;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -217,7 +222,8 @@ impl Pool {
                 req.headers_mut().insert(header::HOST, host.clone());
             }
         }
-        let (conn, reused) = match poll_fn(|cx| Poll::Ready(self.checkout(backend, cx))).await {
+        let parked = poll_fn(|cx| Poll::Ready(self.checkout(backend, cx))).await;
+        let (conn, reused) = match self.adopt(parked).await {
             Some(conn) => (conn, true),
             None => (self.connect(backend).await?, false),
         };
@@ -286,7 +292,12 @@ impl Pool {
                 return Err(SendError::Connect(e));
             }
         };
-        let (tx, driver) = self.h1.handshake(io).await.map_err(SendError::Http)?;
+        self.wrap(io).await.map_err(SendError::Http)
+    }
+
+    /// A hyper client connection over `io`, at home on this thread.
+    async fn wrap(&self, io: Io) -> Result<Box<Conn>, hyper::Error> {
+        let (tx, driver) = self.h1.handshake(io).await?;
         // Boxed once per connection: it moves between pool and lease as one pointer, and a
         // response body that carries it stays small.
         Ok(Box::new(Conn {
@@ -296,6 +307,42 @@ impl Pool {
             wakes: OwnWakes::default(),
             home: crate::workers::current(),
         }))
+    }
+
+    /// Makes a parked connection borrowed from another thread this worker's own: the
+    /// socket leaves the other thread's epoll for this one's (a few system calls, far
+    /// cheaper than a connect, and after them every event wakes only this thread) under a
+    /// fresh hyper connection (HTTP/1 keeps no state between requests; a TLS session keeps
+    /// its own). `None`: the connection could not be moved and is closed (the caller
+    /// connects anew).
+    async fn adopt(&self, conn: Option<Box<Conn>>) -> Option<Box<Conn>> {
+        let conn = conn?;
+        let here = crate::workers::current();
+        if here.is_none() || conn.home == here {
+            return Some(conn);
+        }
+        let parts = conn.driver.into_parts();
+        // Bytes the backend sent unasked: not a connection to send a request on.
+        if !parts.read_buf.is_empty() {
+            return None;
+        }
+        let io = match parts.io {
+            MaybeHttpsStream::Http(io) => {
+                let socket = io.into_inner().into_std().ok()?;
+                MaybeHttpsStream::Http(TokioIo::new(TcpStream::from_std(socket).ok()?))
+            }
+            MaybeHttpsStream::Https(mut tls) => {
+                // The socket sits inside the TLS stream, which cannot be taken apart: a
+                // duplicate of its descriptor, registered here, takes its place, and the
+                // old one leaves the other epoll and is closed (the socket stays open).
+                let tcp = tls.inner_mut().get_mut().0.inner_mut();
+                let dup = tcp.inner().as_fd().try_clone_to_owned().ok()?;
+                let moved = TcpStream::from_std(std::net::TcpStream::from(dup)).ok()?;
+                *tcp = TokioIo::new(moved);
+                MaybeHttpsStream::Https(tls)
+            }
+        };
+        self.wrap(io).await.ok()
     }
 
     fn park(&self, backend: usize, conn: Box<Conn>) {
@@ -492,10 +539,14 @@ mod tests {
     use http_body_util::BodyExt;
 
     fn pool(backend: &str) -> Arc<Pool> {
+        pool_with(backend, &Default::default())
+    }
+
+    fn pool_with(backend: &str, tls: &crate::config::tls::UpstreamTls) -> Arc<Pool> {
         let resolver = CachingResolver::new();
         let mut http = HttpConnector::new_with_resolver(resolver.clone());
         http.enforce_http(false);
-        let tls = crate::config::tls::client_config(&Default::default()).unwrap();
+        let tls = crate::config::tls::client_config(tls).unwrap();
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -529,22 +580,138 @@ mod tests {
         assert!(matches!(got, Ok(Ok(10))), "{got:?}");
     }
 
-    /// A worker that borrows another's connection hands it back to that worker's stack:
-    /// the socket is in the other worker's epoll, so on the borrower's stack every later
-    /// request over it would be woken across threads.
+    /// A worker that borrows another worker's plain connection adopts it: the same
+    /// connection, parked on the borrower's stack after.
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
-    async fn a_borrowed_connection_is_parked_on_its_home_stack() {
-        let echo = testkit::echo::EchoServer::start().await.unwrap();
-        let pool = pool(&echo.url());
+    async fn a_borrowed_connection_is_adopted() {
+        let (addr, accepted) = counting_server(None).await;
+        let pool = pool(&format!("http://{addr}"));
         let workers = Workers::start(2).unwrap();
         let (first, second) = (workers.pick().clone(), workers.pick().clone());
-        let home = pool.idle[0].stack_of(Some(0));
-        let mut expected = vec![0; pool.idle[0].stacks.len()];
-        expected[home] = 1;
+        let stacks = pool.idle[0].stacks.len();
+        let on = |worker| {
+            let mut expected = vec![0; stacks];
+            expected[pool.idle[0].stack_of(Some(worker))] = 1;
+            expected
+        };
 
         one_request(&pool, &first).await; // opens a connection on worker 0, parks it there
-        assert_eq!(pool.parked_per_stack(0), expected);
+        assert_eq!(pool.parked_per_stack(0), on(0));
         one_request(&pool, &second).await; // worker 1's stack is empty: it borrows
+        assert_eq!(pool.parked_per_stack(0), on(1));
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "one connection throughout"
+        );
+    }
+
+    /// An HTTP/1 server on 127.0.0.1:0 (over TLS with `tls`) that answers every request
+    /// with 10 bytes and counts the connections it accepted.
+    async fn counting_server(
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        async fn serve<T>(io: T)
+        where
+            T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        {
+            let service = hyper::service::service_fn(|_req| async {
+                Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                    bytes::Bytes::from_static(b"0123456789"),
+                )))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(io), service)
+                .await;
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    match tls {
+                        None => serve(socket).await,
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(socket).await {
+                                serve(stream).await;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// A worker that borrows a plain connection the control thread opened (the health
+    /// checks') adopts it: the same connection, parked on the worker's own stack after.
+    /// The control thread does not adopt what it borrows from a worker.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_worker_adopts_the_control_threads_connection() {
+        let (addr, accepted) = counting_server(None).await;
+        adopts_the_control_threads_connection(pool(&format!("http://{addr}")), accepted).await;
+    }
+
+    /// The same over TLS: the socket moves under a TLS session that goes on unchanged.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_worker_adopts_the_control_threads_tls_connection() {
+        use sha2::{Digest, Sha256};
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let (addr, accepted) = counting_server(Some(acceptor)).await;
+        let pin: String = Sha256::digest(cert.der().as_ref())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let tls = crate::config::tls::UpstreamTls {
+            pins: vec![format!("sha256:{pin}")],
+            server_name: Some("localhost".into()),
+            ..Default::default()
+        };
+        let pool = pool_with(&format!("https://localhost:{}", addr.port()), &tls);
+        adopts_the_control_threads_connection(pool, accepted).await;
+    }
+
+    async fn adopts_the_control_threads_connection(pool: Arc<Pool>, accepted: Arc<AtomicUsize>) {
+        let workers = Workers::start(1).unwrap();
+        let worker = workers.pick().clone();
+        let control = tokio::runtime::Handle::current();
+        let (home, others) = (pool.idle[0].stack_of(Some(0)), pool.idle[0].stack_of(None));
+        let mut expected = vec![0; pool.idle[0].stacks.len()];
+
+        one_request(&pool, &control).await; // opens one, parks it on the others' stack
+        expected[others] = 1;
         assert_eq!(pool.parked_per_stack(0), expected);
+        one_request(&pool, &worker).await; // takes it and makes it its own
+        expected[others] = 0;
+        expected[home] = 1;
+        assert_eq!(pool.parked_per_stack(0), expected);
+        one_request(&pool, &control).await; // borrows it back, leaves it the worker's
+        assert_eq!(pool.parked_per_stack(0), expected);
+        one_request(&pool, &worker).await;
+        assert_eq!(pool.parked_per_stack(0), expected);
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "one connection throughout"
+        );
     }
 }
