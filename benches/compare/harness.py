@@ -4,7 +4,8 @@
 Called by benches/compare/run.sh (which checks prerequisites and builds). Every target is
 started fresh for every (workload, target) pair, on a free loopback port, with configs, pid
 files and logs in a temp dir; the peak RSS figures are VmHWM of that fresh process (summed
-over nginx master + workers), CPU figures utime + stime from /proc/<pid>/stat (same sum).
+over nginx master + workers), CPU figures utime + stime from /proc/<pid>/stat (same sum;
+the quiet workload's, too small for clock ticks, from every thread's schedstat).
 Every proxy writes an access log to a file, as a host runs it (see RESULTS.md). Everything
 is bounded in time; every process started here is killed on exit (also on SIGINT/SIGTERM).
 Exit status: 0, also when targets are missed, unless STRICT=1 (then 3 when one is missed).
@@ -20,7 +21,7 @@ SSELOAD = os.environ["SSELOAD_BIN"]
 STRICT = os.environ.get("STRICT", "") not in ("", "0")
 TARGETS = os.environ.get("TARGETS", "direct,podproxy,podproxy-logs-off,nginx-gonka,nginx-tuned,haproxy").split(",")
 # WORKLOADS=small,sse runs a subset (for optimisation loops; the README table is a full run)
-WORKLOADS = os.environ.get("WORKLOADS", "small,sse,burst,idle,large").split(",")
+WORKLOADS = os.environ.get("WORKLOADS", "small,sse,quiet,burst,idle,large").split(",")
 # podproxy-b: a second build (PODPROXY_B_BIN) at its defaults, for A/B runs between builds;
 # podproxy-named: podproxy with its upstreams named (`localhost`) as the compose layout
 # names them, so new connections go through its resolver (opt-in, not in the default run)
@@ -35,6 +36,10 @@ SMALL_S = 3 if QUICK else 6
 SMALL_ROUNDS = 1 if QUICK else 3
 SSE_ROUNDS = 1 if QUICK else 3
 SSE_STREAMS, SSE_TOKENS, SSE_INTERVAL = 200, 64, 5
+# quiet: one stream on an otherwise idle target, 2.5 s after its start, when podproxy's
+# health checks (every 2 s) have run and parked a connection the stream may be served over
+QUIET_TOKENS, QUIET_INTERVAL, QUIET_WAIT_S = (100 if QUICK else 400), 5, 2.5
+QUIET_ROUNDS = 1 if QUICK else 3
 IDLE_STREAMS, IDLE_INTERVAL = 2000, 500
 IDLE_TOKENS = 6 if QUICK else 40           # 3 s / 20 s per stream
 LARGE = (256 << 20) if QUICK else (1 << 30)
@@ -88,6 +93,30 @@ def cpu_ticks(pid):
         except Exception:
             pass
     return tot
+
+
+def cpu_ns(pid):
+    """{(pid, tid): ns on CPU} for every thread of pid and its direct children, from
+    schedstat (exact, where stat's clock ticks are 10 ms); see cpu_ns_delta."""
+    out = {}
+    for q in proc_tree(pid):
+        try:
+            tids = os.listdir(f"/proc/{q}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{q}/task/{tid}/schedstat") as f:
+                    out[(q, tid)] = int(f.read().split()[0])
+            except Exception:
+                pass   # exited meanwhile
+    return out
+
+
+def cpu_ns_delta(a, b):
+    """ns on CPU between two cpu_ns readings: tasks gone by the second are left out (their
+    figure is gone with them), tasks new in it count in full."""
+    return sum(v - a.get(k, 0) for k, v in b.items())
 
 
 def http_get_once(port, path="/bench/small-response", timeout=0.5):
@@ -249,8 +278,10 @@ urls = "http://{host}:{sim.vllm}"
 
 
 class Running:
-    def __init__(self, name, port, proc, cold_s, idle_kb, direct_ports=None, access_log=None):
+    def __init__(self, name, port, proc, cold_s, idle_kb, direct_ports=None, access_log=None, started=None):
         self.name, self.port, self.proc, self.cold_s, self.idle_kb = name, port, proc, cold_s, idle_kb
+        # when the process was spawned (direct: when this was made), time.monotonic()
+        self.started = time.monotonic() if started is None else started
         self.direct_ports = direct_ports  # (vllm, echo) for "direct"
         self.access_log = access_log      # the file its access log lines go to
 
@@ -272,6 +303,9 @@ class Running:
 
     def cpu_ticks(self):
         return None if self.proc is None else cpu_ticks(self.proc.pid)
+
+    def cpu_ns(self):
+        return None if self.proc is None else cpu_ns(self.proc.pid)
 
     def stop(self):
         if self.proc is not None:
@@ -326,7 +360,7 @@ def start_target(name, sim):
         return None
     time.sleep(0.3)  # let workers settle before reading idle RSS
     alog = os.path.join(d, "logs", "access.log") if name.startswith("nginx") else os.path.join(work, f"{name}-{START_SEQ[0]}.log")
-    return Running(name, port, p, cold, status_kb(p.pid, "VmRSS"), access_log=alog)
+    return Running(name, port, p, cold, status_kb(p.pid, "VmRSS"), access_log=alog, started=t0)
 
 
 def run(argv, timeout):
@@ -375,6 +409,21 @@ def sseload(t, streams, tokens, interval, timeout):
 
 def w_sse(t):
     return sseload(t, SSE_STREAMS, SSE_TOKENS, SSE_INTERVAL, 30)
+
+
+def w_quiet(t):
+    # measured from the spawn (t.started), not from readiness: podproxy's health-check timer
+    # starts with the process
+    time.sleep(max(0.0, t.started + QUIET_WAIT_S - time.monotonic()))
+    c0 = t.cpu_ns()
+    r = sseload(t, 1, QUIET_TOKENS, QUIET_INTERVAL, 30)
+    c1 = t.cpu_ns()
+    if c0 is not None and c1 is not None:
+        ns = cpu_ns_delta(c0, c1)
+        r["cpu_ms"] = round(ns / 1e6, 3)
+        if r.get("events"):
+            r["cpu_us_per_token"] = round(ns / 1e3 / r["events"], 2)
+    return r
 
 
 def with_cpu(t, fn):
@@ -431,6 +480,8 @@ def main():
     res = {"quick": QUICK, "targets": TARGETS, "params": {
         "small": {"wrk_threads": 1, "connections": 64, "duration_s": SMALL_S, "rounds": SMALL_ROUNDS, "response": "~29-byte JSON body"},
         "sse": {"streams": SSE_STREAMS, "tokens": SSE_TOKENS, "interval_ms": SSE_INTERVAL, "rounds": SSE_ROUNDS},
+        "quiet": {"streams": 1, "tokens": QUIET_TOKENS, "interval_ms": QUIET_INTERVAL, "after_start_s": QUIET_WAIT_S,
+                  "rounds": QUIET_ROUNDS},
         "idle": {"streams": IDLE_STREAMS, "tokens": IDLE_TOKENS, "interval_ms": IDLE_INTERVAL},
         "burst": {"sizes": BURST_SIZES, "tokens": BURST_TOKENS, "interval_ms": BURST_INTERVAL, "rounds": BURST_ROUNDS},
         "large": {"bytes": LARGE, "rounds": LARGE_ROUNDS}},
@@ -467,6 +518,8 @@ def main():
         each("small", w_small, SMALL_ROUNDS)
     if "sse" in WORKLOADS:
         each("sse", w_sse, SSE_ROUNDS)
+    if "quiet" in WORKLOADS:
+        each("quiet", w_quiet, QUIET_ROUNDS)
     if "burst" in WORKLOADS:
         for n in BURST_SIZES:
             each(f"burst{n}", lambda t, n=n: w_burst(t, n), BURST_ROUNDS)
@@ -488,6 +541,7 @@ def summarize(res):
     for name, d in res["per_target"].items():
         sm = d.get("small") or []
         sse = d.get("sse") or []
+        qt = d.get("quiet") or []
         idle = (d.get("idle") or [{}])[0]
         lg = d.get("large") or []
         S[name] = {
@@ -502,6 +556,12 @@ def summarize(res):
             "sse_max_events_per_read": max([x.get("max_events_per_read", 0) for x in sse] or [0]) if sse else None,
             "sse_ok_streams": sum(x.get("ok", 0) for x in sse),
             "sse_streams": sum(x.get("streams", 0) for x in sse),
+            "quiet_p50_ms": med([x["lat_p50_us"] / 1000 for x in qt if "lat_p50_us" in x]),
+            "quiet_p99_ms": med([x["lat_p99_us"] / 1000 for x in qt if "lat_p99_us" in x]),
+            "quiet_max_ms": max([x["lat_max_us"] / 1000 for x in qt if "lat_max_us" in x] or [None]) if qt else None,
+            "quiet_cpu_us_per_token": med([x.get("cpu_us_per_token") for x in qt]),
+            "quiet_ok_streams": sum(x.get("ok", 0) for x in qt) if qt else None,
+            "quiet_streams": sum(x.get("streams", 0) for x in qt) if qt else None,
         }
         for n in res["params"]["burst"]["sizes"]:
             b = d.get(f"burst{n}") or []
@@ -659,8 +719,10 @@ def table(S, ratios, chk, res):
            ("2k slow CPU µs/token", "idle_cpu_us_per_token", 1),
            ("down MB/s", "download_MBps", 0), ("up MB/s", "upload_MBps", 0), ("large peak RSS MB", "large_peak_rss_mb", 1),
            ("idle RSS MB", "idle_rss_mb", 1), ("cold start ms", "cold_start_ms", 1)]
+    t3 = [("quiet stream added p50 ms", "quiet_p50_ms", 2), ("p99 ms", "quiet_p99_ms", 2), ("max ms", "quiet_max_ms", 2),
+          ("CPU µs/token", "quiet_cpu_us_per_token", 1), ("ok", "@quiet", 0)]
     out = []
-    for cols in (t1, t2):
+    for cols in (t1, t2, t3):
         # a subset run (WORKLOADS=...) leaves some columns empty: drop those
         cols = [c for c in cols if any((ok(s, c[1][1:]) if c[1].startswith("@") else fmt(s.get(c[1]))) != "–"
                                        for s in S.values())]
@@ -671,7 +733,7 @@ def table(S, ratios, chk, res):
             row = [ok(s, k[1:]) if k.startswith("@") else fmt(s.get(k), nd) for _, k, nd in cols]
             out.append(f"| {name} | " + " | ".join(row) + " |")
         out.append("")
-    keys = ["rps", "p99_ms", "sse_p50_ms", "sse_p99_ms"]
+    keys = ["rps", "p99_ms", "sse_p50_ms", "sse_p99_ms", "quiet_p50_ms", "quiet_p99_ms", "quiet_cpu_us_per_token"]
     for n in sizes:
         keys += [f"burst{n}_ttft_p50_ms", f"burst{n}_ttft_p99_ms"]
     keys += ["idle_peak_rss_mb", "idle_cpu_us_per_token", "download_MBps", "upload_MBps", "large_peak_rss_mb", "cold_start_ms"]
@@ -702,7 +764,9 @@ def table(S, ratios, chk, res):
     out.append(f"Parameters: quick={res['quick']}; targets {','.join(res['targets'])}; small: wrk -t1 -c64 {p['small']['duration_s']} s, "
                f"{p['small'].get('rounds', 1)} round(s), median of rounds; "
                f"SSE: {p['sse']['streams']} streams x {p['sse']['tokens']} events @ {p['sse']['interval_ms']} ms, "
-               f"{p['sse']['rounds']} round(s), median of rounds; bursts: {' and '.join(str(n) for n in p['burst']['sizes'])} "
+               f"{p['sse']['rounds']} round(s), median of rounds; quiet: 1 stream x {p['quiet']['tokens']} events "
+               f"@ {p['quiet']['interval_ms']} ms on an otherwise idle target, {p['quiet']['after_start_s']} s after its start, "
+               f"{p['quiet']['rounds']} round(s), median of rounds (CPU from schedstat); bursts: {' and '.join(str(n) for n in p['burst']['sizes'])} "
                f"streams at once x {p['burst']['tokens']} events @ {p['burst']['interval_ms']} ms, {p['burst']['rounds']} round(s), "
                f"median of rounds; slow streams: {p['idle']['streams']} x {p['idle']['tokens']} "
                f"events @ {p['idle']['interval_ms']} ms; large: {p['large']['bytes'] >> 20} MiB, "
