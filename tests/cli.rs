@@ -541,6 +541,7 @@ async fn access_lines_carry_every_field_and_at_warn_only_failures() {
             assert_eq!(v["status"], 502, "{failed}");
             assert_eq!(v["request_id"], "req-7", "{failed}");
             assert_eq!(v["outcome"], "refused", "{failed}");
+            assert_eq!(v["client"], "127.0.0.1", "{failed}");
             continue;
         }
         let names: Vec<&str> = failed
@@ -552,9 +553,10 @@ async fn access_lines_carry_every_field_and_at_warn_only_failures() {
             .filter(|n| n.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
             .collect();
         assert_eq!(
-            names[..13],
+            names[..14],
             [
                 "listener",
+                "client",
                 "method",
                 "path",
                 "status",
@@ -573,6 +575,7 @@ async fn access_lines_carry_every_field_and_at_warn_only_failures() {
         assert!(failed.contains(" WARN podproxy::access: "), "{failed}");
         assert!(failed.contains(" path=\"/dead/x\" status=502 "), "{failed}");
         assert!(failed.contains(" request_id=\"req-7\" "), "{failed}");
+        assert!(failed.contains(" client=\"127.0.0.1\" "), "{failed}");
         if level == "info" {
             let ok = access[0];
             assert!(ok.contains(" INFO podproxy::access: "), "{ok}");

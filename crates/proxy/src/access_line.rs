@@ -45,6 +45,8 @@ pub struct Line<'a> {
     /// Written at warn: a failure podproxy saw (aborted stream, its own 5xx).
     pub warn: bool,
     pub listener: &'a str,
+    /// The TCP peer's address: the address `allow_ips` checks (not `X-Forwarded-For`).
+    pub client: &'a str,
     pub method: &'a str,
     pub path: &'a str,
     pub status: u16,
@@ -88,6 +90,7 @@ impl Line<'_> {
                 tracing::$level!(
                     target: TARGET,
                     listener = self.listener,
+                    client = self.client,
                     method = self.method,
                     path = self.path,
                     status = self.status,
@@ -147,6 +150,7 @@ impl Line<'_> {
         }
         out.reserve(320 + self.path.len() + self.error.len());
         quoted!("listener=", self.listener);
+        quoted!(" client=", self.client);
         quoted!(" method=", self.method);
         quoted!(" path=", self.path);
         number!(" status=", u64::from(self.status));
@@ -216,6 +220,7 @@ mod tests {
         Line {
             warn: false,
             listener: "inference",
+            client: "203.0.113.7",
             method: "POST",
             path: "/v1/chat/completions",
             status: 200,
@@ -251,6 +256,7 @@ mod tests {
             },
             Line {
                 path: "/caf\u{e9}/\u{1b}[31m\\x\"y\"",
+                client: "2001:db8::1",
                 method: "GET",
                 status: 0,
                 duration_ms: 0.001,

@@ -41,6 +41,8 @@ impl Outcome {
 /// phase and written when it drops (with the response body).
 pub struct Exchange {
     listener: Arc<str>,
+    /// The client's address as text (made once per connection, `forward::Peer`).
+    client: HeaderValue,
     method: Method,
     /// The logged path; `None` when the access log is off (nothing to copy then).
     path: Option<String>,
@@ -79,6 +81,7 @@ struct SseState {
 impl Exchange {
     pub fn start(
         listener: Arc<str>,
+        client: HeaderValue,
         method: Method,
         path: &str,
         request_id: HeaderValue,
@@ -94,6 +97,7 @@ impl Exchange {
         });
         Exchange {
             listener,
+            client,
             method,
             path,
             request_id,
@@ -230,6 +234,7 @@ impl Exchange {
             warn: outcome == Outcome::Aborted
                 || (outcome == Outcome::Refused && self.status >= 500),
             listener: &self.listener,
+            client: self.client.to_str().unwrap_or("-"),
             method: self.method.as_str(),
             path: self.path.as_deref().unwrap_or("-"),
             status: self.status,

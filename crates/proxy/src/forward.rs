@@ -45,6 +45,7 @@ pub async fn handle(
     let request_id = headers::request_id(req.headers_mut());
     let mut ex = Exchange::start(
         ctx.name.clone(),
+        peer.ip_header.clone(),
         req.method().clone(),
         req.uri().path(),
         request_id.clone(),
