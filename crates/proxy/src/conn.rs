@@ -39,7 +39,7 @@ pub async fn serve(
         return;
     }
     match ctx.tls.clone() {
-        None => serve_connection(stream, peer, current, header_timeout, None, stop).await,
+        None => serve_connection(stream, peer, current, header_timeout, None, false, stop).await,
         // Boxed: a plain connection's task must not reserve room for TLS state.
         Some(acceptor) => {
             Box::pin(serve_tls(
@@ -88,19 +88,21 @@ async fn serve_tls(
         current,
         header_timeout,
         h2.then_some(Protocol::Http2),
+        true,
         stop,
     )
     .await;
 }
 
 /// Serves HTTP on an accepted stream: the protocol is known (ALPN) or detected from the
-/// first bytes under the header timeout.
+/// first bytes under the header timeout. `tls`: the stream is a TLS session.
 async fn serve_connection<S>(
     mut stream: S,
     peer: SocketAddr,
     current: Arc<ArcSwap<ListenerCtx>>,
     header_timeout: Duration,
     known: Option<Protocol>,
+    tls: bool,
     mut stop: watch::Receiver<bool>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -158,8 +160,13 @@ async fn serve_connection<S>(
                 }
             };
             if out.is_ok() {
-                let parts = conn.into_parts();
-                linger(parts.io.into_inner(), stop).await;
+                let io = conn.into_parts().io.into_inner();
+                // A client that closed first (hyper read its end) has nothing left unread:
+                // closing now cannot reset anything, and a lingering close would only add a
+                // `shutdown` and a read. A TLS session still says goodbye (close_notify).
+                if tls || !io.peer_closed() {
+                    linger(io, stop).await;
+                }
             }
             out
         }
@@ -204,8 +211,8 @@ const LINGER_BYTES: usize = 64 << 20;
 /// `LINGER_TIME` and `LINGER_BYTES`. A request refused before its body was read (413, 401,
 /// 403, 404, ...) leaves the client still sending: closing with those bytes unread would
 /// answer them with a reset, and a reset can destroy the response before the client has
-/// read it. A client that closed first costs one read that returns 0. Not while the
-/// server shuts down.
+/// read it. Not for a plain connection whose client closed first (nothing to wait for);
+/// on TLS such a client costs one read that returns 0. Not while the server shuts down.
 async fn linger<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     mut io: S,
     mut stop: watch::Receiver<bool>,

@@ -48,6 +48,8 @@ pub struct Prefixed<S> {
     prefix: Vec<u8>,
     pos: usize,
     inner: S,
+    /// A read of `inner` returned end of stream: the peer has closed its side.
+    eof: bool,
 }
 
 impl<S> Prefixed<S> {
@@ -56,7 +58,13 @@ impl<S> Prefixed<S> {
             prefix,
             pos: 0,
             inner,
+            eof: false,
         }
+    }
+
+    /// Whether a read has seen the peer's end of stream (nothing of it is left unread).
+    pub fn peer_closed(&self) -> bool {
+        self.eof
     }
 }
 
@@ -78,7 +86,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
             }
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(())))
+            && buf.filled().len() == before
+            && buf.remaining() > 0
+        {
+            this.eof = true;
+        }
+        polled
     }
 }
 
@@ -151,7 +167,14 @@ mod tests {
         drop(a);
         let mut p = Prefixed::new(b"hello ".to_vec(), b);
         let mut out = String::new();
+        let mut first = [0u8; 6];
+        p.read_exact(&mut first).await.unwrap();
+        assert!(!p.peer_closed(), "the replay is not the peer's end");
         p.read_to_string(&mut out).await.unwrap();
-        assert_eq!(out, "hello world");
+        assert_eq!(
+            format!("{}{out}", String::from_utf8_lossy(&first)),
+            "hello world"
+        );
+        assert!(p.peer_closed(), "the read that returned 0 saw the end");
     }
 }
