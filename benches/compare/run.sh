@@ -3,8 +3,8 @@
 # vs nginx (Gonka stock semantics) vs nginx (tuned) vs haproxy (tuned), one interleaved run
 # on this machine. Every proxy writes an access log to a file, as a host runs it.
 #
-#   benches/compare/run.sh            # full run, about 7.5 minutes plus the build (run 16)
-#   QUICK=1 benches/compare/run.sh    # about 1.5 minutes (shorter wrk, 1 SSE and 1 burst round, 256 MiB bodies)
+#   benches/compare/run.sh            # full run, about 9 minutes plus the build (run 17)
+#   QUICK=1 benches/compare/run.sh    # about 2 minutes (shorter wrk, 1 SSE, quiet and burst round, 256 MiB bodies)
 #   TARGETS=direct,podproxy QUICK=1 benches/compare/run.sh   # a subset
 #   WORKLOADS=small,sse TARGETS=podproxy,nginx-tuned QUICK=1 benches/compare/run.sh
 #   WORKLOADS=burst QUICK=1 benches/compare/run.sh           # bursts of 1,000 and 2,000 new streams
