@@ -3,6 +3,7 @@
 pub mod affinity;
 pub mod backend;
 pub mod health;
+pub mod io;
 pub mod own_wakes;
 pub mod pool;
 pub mod resolve;

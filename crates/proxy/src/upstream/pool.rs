@@ -25,6 +25,7 @@
 //! close before any byte was sent is retried once on a fresh connection.
 
 use super::backend::InFlight;
+use super::io::Io;
 use super::own_wakes::OwnWakes;
 use super::resolve::CachingResolver;
 use crate::body::Relay;
@@ -32,7 +33,7 @@ use crate::config::BackendAddr;
 use http::{header, HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
-use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use std::future::{poll_fn, Future};
@@ -45,7 +46,6 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tower_service::Service;
 
-type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Why an exchange produced no response head.
@@ -284,7 +284,7 @@ impl Pool {
             .await
             .map_err(SendError::Connect)?;
         let io = match connector.call(target.clone()).await {
-            Ok(io) => io,
+            Ok(io) => Io::from(io),
             Err(e) => {
                 if let Some(host) = target.host() {
                     self.resolver.forget(host);
@@ -327,11 +327,11 @@ impl Pool {
             return None;
         }
         let io = match parts.io {
-            MaybeHttpsStream::Http(io) => {
+            Io::Plain(io) => {
                 let socket = io.into_inner().into_std().ok()?;
-                MaybeHttpsStream::Http(TokioIo::new(TcpStream::from_std(socket).ok()?))
+                Io::Plain(TokioIo::new(TcpStream::from_std(socket).ok()?))
             }
-            MaybeHttpsStream::Https(mut tls) => {
+            Io::Tls(mut tls) => {
                 // The socket sits inside the TLS stream, which cannot be taken apart: a
                 // duplicate of its descriptor, registered here, takes its place, and the
                 // old one leaves the other epoll and is closed (the socket stays open).
@@ -339,7 +339,7 @@ impl Pool {
                 let dup = tcp.inner().as_fd().try_clone_to_owned().ok()?;
                 let moved = TcpStream::from_std(std::net::TcpStream::from(dup)).ok()?;
                 *tcp = TokioIo::new(moved);
-                MaybeHttpsStream::Https(tls)
+                Io::Tls(tls)
             }
         };
         self.wrap(io).await.ok()
