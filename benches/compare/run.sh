@@ -3,7 +3,7 @@
 # vs nginx (Gonka stock semantics) vs nginx (tuned) vs haproxy (tuned), one interleaved run
 # on this machine. Every proxy writes an access log to a file, as a host runs it.
 #
-#   benches/compare/run.sh            # full run, about 9 minutes plus the build (run 17)
+#   benches/compare/run.sh            # full run, about 9–11 minutes plus the build (runs 17–18)
 #   QUICK=1 benches/compare/run.sh    # about 2 minutes (shorter wrk, 1 SSE, quiet and burst round, 256 MiB bodies)
 #   TARGETS=direct,podproxy QUICK=1 benches/compare/run.sh   # a subset
 #   WORKLOADS=small,sse TARGETS=podproxy,nginx-tuned QUICK=1 benches/compare/run.sh
