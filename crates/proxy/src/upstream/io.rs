@@ -6,88 +6,24 @@
 //! one connection, so the session is boxed here: a plain connection's socket is no larger
 //! than its TCP stream.
 
-use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_rustls::MaybeHttpsStream;
 use hyper_util::rt::TokioIo;
-use std::io::IoSlice;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use tokio::net::TcpStream;
+use tokio_util::either::Either;
 
 /// A TLS session to a backend, over its TCP stream (hyper-rustls wraps the stream once
 /// more for tokio's I/O traits).
-pub type TlsIo = TokioIo<tokio_rustls::client::TlsStream<TokioIo<TokioIo<TcpStream>>>>;
+pub type TlsIo = tokio_rustls::client::TlsStream<TokioIo<TokioIo<TcpStream>>>;
 
-pub enum Io {
-    Plain(TokioIo<TcpStream>),
-    Tls(Box<TlsIo>),
-}
+/// What hyper's client connection runs over: `Left` plain, `Right` the boxed session.
+pub type Io = TokioIo<Either<TcpStream, Box<TlsIo>>>;
 
-impl From<MaybeHttpsStream<TokioIo<TcpStream>>> for Io {
-    fn from(s: MaybeHttpsStream<TokioIo<TcpStream>>) -> Io {
-        match s {
-            MaybeHttpsStream::Http(tcp) => Io::Plain(tcp),
-            MaybeHttpsStream::Https(tls) => Io::Tls(Box::new(tls)),
-        }
-    }
-}
-
-impl Read for Io {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl Write for Io {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Io::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Io::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Io::Plain(s) => s.is_write_vectored(),
-            Io::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_flush(cx),
-            Io::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Io::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
-        }
-    }
+/// Takes the connector's stream apart and boxes the TLS session, if there is one.
+pub fn from_connector(s: MaybeHttpsStream<TokioIo<TcpStream>>) -> Io {
+    TokioIo::new(match s {
+        MaybeHttpsStream::Http(tcp) => Either::Left(tcp.into_inner()),
+        MaybeHttpsStream::Https(tls) => Either::Right(Box::new(tls.into_inner())),
+    })
 }
 
 #[cfg(test)]

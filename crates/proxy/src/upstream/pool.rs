@@ -25,7 +25,7 @@
 //! close before any byte was sent is retried once on a fresh connection.
 
 use super::backend::InFlight;
-use super::io::Io;
+use super::io::{self, Io};
 use super::own_wakes::OwnWakes;
 use super::resolve::CachingResolver;
 use crate::body::Relay;
@@ -44,6 +44,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
+use tokio_util::either::Either;
 use tower_service::Service;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -284,7 +285,7 @@ impl Pool {
             .await
             .map_err(SendError::Connect)?;
         let io = match connector.call(target.clone()).await {
-            Ok(io) => Io::from(io),
+            Ok(io) => io::from_connector(io),
             Err(e) => {
                 if let Some(host) = target.host() {
                     self.resolver.forget(host);
@@ -326,22 +327,19 @@ impl Pool {
         if !parts.read_buf.is_empty() {
             return None;
         }
-        let io = match parts.io {
-            Io::Plain(io) => {
-                let socket = io.into_inner().into_std().ok()?;
-                Io::Plain(TokioIo::new(TcpStream::from_std(socket).ok()?))
-            }
-            Io::Tls(mut tls) => {
+        let io = TokioIo::new(match parts.io.into_inner() {
+            Either::Left(tcp) => Either::Left(TcpStream::from_std(tcp.into_std().ok()?).ok()?),
+            Either::Right(mut tls) => {
                 // The socket sits inside the TLS stream, which cannot be taken apart: a
                 // duplicate of its descriptor, registered here, takes its place, and the
                 // old one leaves the other epoll and is closed (the socket stays open).
-                let tcp = tls.inner_mut().get_mut().0.inner_mut();
+                let tcp = tls.get_mut().0.inner_mut();
                 let dup = tcp.inner().as_fd().try_clone_to_owned().ok()?;
                 let moved = TcpStream::from_std(std::net::TcpStream::from(dup)).ok()?;
                 *tcp = TokioIo::new(moved);
-                Io::Tls(tls)
+                Either::Right(tls)
             }
-        };
+        });
         self.wrap(io).await.ok()
     }
 
