@@ -248,6 +248,9 @@ async fn stalled_request_body_is_ended_by_the_idle_timeout() {
     let addr = proxy.addr("main");
     let body = pattern(9, LEN);
 
+    // Before either connection sends: a stall cannot start before its last byte was sent,
+    // and on a loaded machine this task may send the second well after the first.
+    let started = Instant::now();
     let mut half = RawConn::connect(addr).await;
     half.send(
         format!("POST /sink?half HTTP/1.1\r\nHost: x\r\nContent-Length: {LEN}\r\n\r\n").as_bytes(),
@@ -261,7 +264,6 @@ async fn stalled_request_body_is_ended_by_the_idle_timeout() {
                 .as_bytes(),
         )
         .await;
-    let started = Instant::now();
 
     for (what, conn) in [("half body", &mut half), ("head only", &mut head_only)] {
         let r = tokio::time::timeout(CLOSE_BOUND, conn.try_response())
@@ -440,6 +442,9 @@ async fn a_client_that_stops_reading_is_cut_after_send_timeout() {
     let echo = EchoServer::start().await.unwrap();
     let proxy = Proxy::start(&config("send_timeout = \"300ms\"", &echo.url(), "")).await;
     let mut wire = Wire::connect(proxy.addr("main")).await;
+    // The send timeout cannot start before the request is sent; it can start before this
+    // task (on a loaded machine) gets to read the response head.
+    let started = Instant::now();
     wire.send(format!("GET /bytes/{SIZE} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
         .await;
     let (status, headers) = wire.head().await;
@@ -450,7 +455,6 @@ async fn a_client_that_stops_reading_is_cut_after_send_timeout() {
     );
     // The client reads nothing more; podproxy fills the socket buffers and its own bounded
     // ones, then the send timeout ends the exchange and frees the backend slot.
-    let started = Instant::now();
     eventually("the stalled exchange released its backend slot", || {
         proxy.in_flight() == 0
     })
