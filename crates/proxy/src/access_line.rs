@@ -9,7 +9,7 @@
 //! filter. JSON lines, coloured lines and subscribers a test installs go through tracing.
 
 use crate::log_writer::LogWriter;
-use crate::logging::{needs_no_escaping, write_f64, Digits, SecondCache};
+use crate::logging::{needs_no_escaping, write_thousandths, Digits, SecondCache};
 use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::sync::OnceLock;
@@ -54,8 +54,10 @@ pub struct Line<'a> {
     pub backend: &'a str,
     pub bytes_in: u64,
     pub bytes_out: u64,
-    pub duration_ms: f64,
-    pub ttfb_ms: f64,
+    /// Written as milliseconds (`duration_ms=12.345`).
+    pub duration_us: u64,
+    /// Written as milliseconds; `None` (no response head) is written `ttfb_ms=-1.0`.
+    pub ttfb_us: Option<u64>,
     pub request_id: &'a str,
     pub outcome: &'a str,
     pub error: &'a str,
@@ -98,8 +100,8 @@ impl Line<'_> {
                     backend = self.backend,
                     bytes_in = self.bytes_in,
                     bytes_out = self.bytes_out,
-                    duration_ms = self.duration_ms,
-                    ttfb_ms = self.ttfb_ms,
+                    duration_ms = self.duration_us as f64 / 1000.0,
+                    ttfb_ms = self.ttfb_us.map_or(-1.0, |t| t as f64 / 1000.0),
                     request_id = self.request_id,
                     outcome = self.outcome,
                     error = self.error,
@@ -139,13 +141,18 @@ impl Line<'_> {
         macro_rules! number {
             ($name:literal, $value:expr) => {{
                 out.push_str($name);
-                out.push_str(Digits::of($value, false).as_str());
+                let _ = Digits::of($value, false).write_to(out);
             }};
         }
         macro_rules! millis {
-            ($name:literal, $value:expr) => {{
+            ($name:literal, $micros:expr) => {{
                 out.push_str($name);
-                let _ = write_f64(out, $value);
+                match $micros {
+                    Some(us) => {
+                        let _ = write_thousandths(out, us);
+                    }
+                    None => out.push_str("-1.0"),
+                }
             }};
         }
         out.reserve(320 + self.path.len() + self.error.len());
@@ -158,8 +165,8 @@ impl Line<'_> {
         quoted!(" backend=", self.backend);
         number!(" bytes_in=", self.bytes_in);
         number!(" bytes_out=", self.bytes_out);
-        millis!(" duration_ms=", self.duration_ms);
-        millis!(" ttfb_ms=", self.ttfb_ms);
+        millis!(" duration_ms=", Some(self.duration_us));
+        millis!(" ttfb_ms=", self.ttfb_us);
         quoted!(" request_id=", self.request_id);
         quoted!(" outcome=", self.outcome);
         quoted!(" error=", self.error);
@@ -228,8 +235,8 @@ mod tests {
             backend: "127.0.0.1:5001",
             bytes_in: 412,
             bytes_out: 18_233,
-            duration_ms: 1234.567,
-            ttfb_ms: 12.5,
+            duration_us: 1_234_567,
+            ttfb_us: Some(12_500),
             request_id: "0f3a-77",
             outcome: "complete",
             error: "",
@@ -247,8 +254,8 @@ mod tests {
                 backend: "-",
                 bytes_in: 0,
                 bytes_out: 0,
-                duration_ms: 0.0,
-                ttfb_ms: -1.0,
+                duration_us: 0,
+                ttfb_us: None,
                 request_id: "-",
                 outcome: "refused",
                 error: "upstream \"vllm\" unreachable: connection refused",
@@ -259,16 +266,17 @@ mod tests {
                 client: "2001:db8::1",
                 method: "GET",
                 status: 0,
-                duration_ms: 0.001,
-                ttfb_ms: 123456.789,
+                duration_us: 1,
+                ttfb_us: Some(123_456_789),
                 bytes_out: u64::MAX,
                 outcome: "client_gone",
                 error: "line\nbreak",
                 ..sample()
             },
             Line {
-                duration_ms: 1e16,
-                ttfb_ms: 9e-5,
+                // Beyond 2^42 microseconds: written through the float, as tracing does.
+                duration_us: 1 << 42,
+                ttfb_us: Some(u64::MAX),
                 request_id: "",
                 ..sample()
             },

@@ -228,7 +228,7 @@ impl Exchange {
     fn write(&self, duration: Duration) {
         let outcome = self.outcome.unwrap_or(Outcome::ClientGone);
         // Milliseconds with microsecond resolution: readable and exact enough.
-        let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+        let us = |d: Duration| u64::try_from((d.as_nanos() + 500) / 1000).unwrap_or(u64::MAX);
         crate::access_line::Line {
             // Failures podproxy saw (upstream unreachable, broken streams) stand out.
             warn: outcome == Outcome::Aborted
@@ -242,8 +242,8 @@ impl Exchange {
             backend: self.backend.as_deref().unwrap_or("-"),
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
             bytes_out: self.bytes_out,
-            duration_ms: ms(duration),
-            ttfb_ms: self.ttfb.map(ms).unwrap_or(-1.0),
+            duration_us: us(duration),
+            ttfb_us: self.ttfb.map(us),
             request_id: self.request_id.to_str().unwrap_or("-"),
             outcome: outcome.as_str(),
             error: self.error.as_deref().unwrap_or(""),
