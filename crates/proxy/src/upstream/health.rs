@@ -61,7 +61,11 @@ async fn probe(up: &Upstream, index: usize) -> Result<(), String> {
         header::USER_AGENT,
         HeaderValue::from_static("podproxy-health"),
     );
-    let (resp, lease) = up.pool.send(index, req).await.map_err(|e| e.detail())?;
+    let (resp, lease) = up
+        .pool
+        .send(index, req, None)
+        .await
+        .map_err(|e| e.detail())?;
     let status = resp.status();
     // Read the (small) body so the connection goes back to the pool.
     let body = Relay::upstream(resp.into_body(), lease, up.cfg.health.timeout);

@@ -268,12 +268,24 @@ impl Upstream {
             _ => (self.cfg.response_timeout, false),
         };
         let upstream = &*self.name;
-        match tokio::time::timeout(limit, self.pool.send(index, req)).await {
-            Ok(Ok(resp)) => {
+        // The deadline covers finding a connection too (a connect waits at most this long).
+        let deadline = tokio::time::Instant::now() + limit;
+        match self.pool.send(index, req, Some(deadline)).await {
+            Ok(resp) => {
                 backend.first_byte_ok(upstream);
                 Ok(resp)
             }
-            Ok(Err(e @ SendError::Connect(_))) => {
+            Err(SendError::TimedOut) => {
+                if stuck_guard {
+                    backend.first_byte_missed(upstream, self.cfg.stuck_after);
+                }
+                Err(ProxyError::UpstreamTimeout {
+                    upstream: upstream.to_string(),
+                    backend: backend.label.to_string(),
+                    timeout: limit,
+                })
+            }
+            Err(e @ SendError::Connect(_)) => {
                 let detail = e.detail();
                 backend.mark_down(upstream, &format!("connect failed: {detail}"));
                 Err(ProxyError::Connect {
@@ -282,7 +294,7 @@ impl Upstream {
                     detail,
                 })
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 let detail = e.detail();
                 let by_body = matches!(&e, SendError::Http(h) if caused_by_request_body(h));
                 // A connection closed or reset before the response head may be a keepalive
@@ -306,16 +318,6 @@ impl Upstream {
                     upstream: upstream.to_string(),
                     backend: backend.label.to_string(),
                     detail,
-                })
-            }
-            Err(_) => {
-                if stuck_guard {
-                    backend.first_byte_missed(upstream, self.cfg.stuck_after);
-                }
-                Err(ProxyError::UpstreamTimeout {
-                    upstream: upstream.to_string(),
-                    backend: backend.label.to_string(),
-                    timeout: limit,
                 })
             }
         }

@@ -41,9 +41,10 @@ use std::os::fd::AsFd;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll, Waker};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
+use tokio::time::{Instant as TokioInstant, Sleep};
 use tokio_util::either::Either;
 use tower_service::Service;
 
@@ -58,6 +59,8 @@ pub enum SendError {
     Http(hyper::Error),
     /// The connection ended without an answer and without an error.
     Closed,
+    /// No response head by the deadline the caller gave.
+    TimedOut,
 }
 
 impl SendError {
@@ -67,6 +70,7 @@ impl SendError {
             SendError::Connect(e) => super::error_chain(&**e),
             SendError::Http(e) => super::error_chain(e),
             SendError::Closed => "connection closed before the response".into(),
+            SendError::TimedOut => "no response head in time".into(),
         }
     }
 }
@@ -81,6 +85,8 @@ struct Conn {
     wakes: OwnWakes,
     /// The worker whose epoll has the socket (`None`: a thread that is not a worker).
     home: Option<usize>,
+    /// The response-head deadline's timer, kept from one request to the next (`head_due`).
+    head_timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl Conn {
@@ -99,6 +105,30 @@ impl Conn {
     /// Whether the connection can take another request right now.
     fn reusable(&mut self, cx: &mut Context<'_>) -> bool {
         self.poll_drive(cx).is_pending() && self.tx.is_ready()
+    }
+
+    /// Whether `deadline` has passed. One timer serves every request on the connection and
+    /// is moved lazily, as the body's idle timer is: a request leaves it at an earlier
+    /// request's deadline (sooner than its own) and moves it only when it fires. A fresh
+    /// timer per request went into tokio's timer wheel and out again for every small
+    /// request; on a kept-alive connection this one does so about once per timeout.
+    fn head_due(&mut self, deadline: TokioInstant, cx: &mut Context<'_>) -> Poll<()> {
+        let timer = self
+            .head_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() > deadline {
+            timer.as_mut().reset(deadline);
+        }
+        // Twice at most: a timer left at an earlier deadline fires, is moved to this
+        // request's, and is polled once more.
+        for _ in 0..2 {
+            ready!(timer.as_mut().poll(cx));
+            if timer.deadline() >= deadline {
+                return Poll::Ready(());
+            }
+            timer.as_mut().reset(deadline);
+        }
+        Poll::Pending
     }
 }
 
@@ -210,13 +240,15 @@ impl Pool {
     }
 
     /// Sends `req` (origin-form URI) to backend `backend` on a parked connection or a new
-    /// one, driving the connection until the response head arrives. A request without
+    /// one, driving the connection until the response head arrives, or until `deadline`
+    /// (`SendError::TimedOut`; `None`: the caller bounds the wait). A request without
     /// `Host`, and with `rewrite_host` every request, gets the backend's authority. The
     /// returned lease must travel with the response body: it keeps the connection going.
     pub async fn send(
         self: &Arc<Self>,
         backend: usize,
         mut req: Request<Relay>,
+        deadline: Option<TokioInstant>,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
         if self.rewrite_host || !req.headers().contains_key(header::HOST) {
             if let Some(host) = self.hosts.get(backend) {
@@ -226,7 +258,7 @@ impl Pool {
         let parked = poll_fn(|cx| Poll::Ready(self.checkout(backend, cx))).await;
         let (conn, reused) = match self.adopt(parked).await {
             Some(conn) => (conn, true),
-            None => (self.connect(backend).await?, false),
+            None => (self.connect_by(backend, deadline).await?, false),
         };
         let mut lease = Lease {
             conn: Some(conn),
@@ -234,13 +266,13 @@ impl Pool {
             backend,
             in_flight: None,
         };
-        match lease.exchange(req).await {
+        match lease.exchange(req, deadline).await {
             Ok(resp) => Ok((resp, lease)),
             // The parked connection was closed under us before the request went out: the
             // request never reached the backend, so one fresh connection may take it.
             Err(Failed::NotSent(req, _)) if reused => {
-                lease.conn = Some(self.connect(backend).await?);
-                match lease.exchange(*req).await {
+                lease.conn = Some(self.connect_by(backend, deadline).await?);
+                match lease.exchange(*req, deadline).await {
                     Ok(resp) => Ok((resp, lease)),
                     Err(failed) => Err(failed.into_error()),
                 }
@@ -272,6 +304,20 @@ impl Pool {
             }
         }
         None
+    }
+
+    /// `connect`, given up at `deadline`.
+    async fn connect_by(
+        &self,
+        backend: usize,
+        deadline: Option<TokioInstant>,
+    ) -> Result<Box<Conn>, SendError> {
+        match deadline {
+            Some(at) => tokio::time::timeout_at(at, self.connect(backend))
+                .await
+                .unwrap_or(Err(SendError::TimedOut)),
+            None => self.connect(backend).await,
+        }
     }
 
     async fn connect(&self, backend: usize) -> Result<Box<Conn>, SendError> {
@@ -307,6 +353,7 @@ impl Pool {
             done: false,
             wakes: OwnWakes::default(),
             home: crate::workers::current(),
+            head_timer: None,
         }))
     }
 
@@ -456,14 +503,20 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// Sends `req` and drives the connection until the response head (or the end).
-    async fn exchange(&mut self, req: Request<Relay>) -> Result<Response<Incoming>, Failed> {
+    /// Sends `req` and drives the connection until the response head (or the end, or
+    /// `deadline`).
+    async fn exchange(
+        &mut self,
+        req: Request<Relay>,
+        deadline: Option<TokioInstant>,
+    ) -> Result<Response<Incoming>, Failed> {
         let Some(conn) = self.conn.as_mut() else {
             return Err(Failed::Sent(SendError::Closed));
         };
         let wakes = conn.wakes.clone();
         let mut response = pin!(conn.tx.try_send_request(req));
         let mut ended: Option<Result<(), hyper::Error>> = None;
+        let mut timed_out = false;
         let polled = poll_fn(|cx| {
             wakes.poll(cx, |cx| {
                 if ended.is_none() {
@@ -475,7 +528,13 @@ impl Lease {
                     Poll::Ready(r) => Poll::Ready(Some(r)),
                     // The connection is over and answered nothing: nothing more can come.
                     Poll::Pending if ended.is_some() => Poll::Ready(None),
-                    Poll::Pending => Poll::Pending,
+                    Poll::Pending => match deadline {
+                        Some(at) if conn.head_due(at, cx).is_ready() => {
+                            timed_out = true;
+                            Poll::Ready(None)
+                        }
+                        _ => Poll::Pending,
+                    },
                 }
             })
         })
@@ -489,6 +548,7 @@ impl Lease {
                 )),
                 None => Err(Failed::Sent(SendError::Http(e.into_error()))),
             },
+            None if timed_out => Err(Failed::Sent(SendError::TimedOut)),
             None => Err(Failed::Sent(match ended {
                 Some(Err(e)) => SendError::Http(e),
                 _ => SendError::Closed,
@@ -569,7 +629,7 @@ mod tests {
         let (done, result) = tokio::sync::oneshot::channel();
         worker.spawn(async move {
             let req = Request::get("/bytes/10").body(Relay::empty()).unwrap();
-            let (resp, lease) = pool.send(0, req).await.unwrap();
+            let (resp, lease) = pool.send(0, req, None).await.unwrap();
             let body = Relay::upstream(resp.into_body(), lease, Duration::from_secs(10));
             let bytes = body.collect().await.unwrap().to_bytes();
             let _ = done.send(bytes.len());
@@ -604,8 +664,62 @@ mod tests {
         );
     }
 
+    /// On a kept-alive connection one timer serves every request's response-head deadline
+    /// (`Conn::head_due`): each request still times out by its own deadline, whether an
+    /// earlier request left the timer sooner than that or later.
+    #[tokio::test]
+    async fn each_request_on_a_kept_alive_connection_times_out_by_its_own_deadline() {
+        let (addr, accepted) = counting_server(None).await;
+        let pool = pool(&format!("http://{addr}"));
+        let send = |path: &'static str, within: Duration| {
+            let pool = pool.clone();
+            async move {
+                let req = Request::get(path).body(Relay::empty()).unwrap();
+                let deadline = TokioInstant::now() + within;
+                let sent = tokio::time::timeout(
+                    Duration::from_secs(20),
+                    pool.send(0, req, Some(deadline)),
+                )
+                .await
+                .expect("the deadline was not kept");
+                match sent {
+                    Ok((resp, lease)) => {
+                        let body = Relay::upstream(resp.into_body(), lease, within);
+                        body.collect().await.map(|_| ()).map_err(|e| e.to_string())
+                    }
+                    Err(e) => Err(e.detail()),
+                }
+            }
+        };
+        let timed_out = Err(SendError::TimedOut.detail());
+
+        // The timer is left at the first request's deadline, 100 ms out; the second's is
+        // 600 ms out: the timer fires at the first and must be moved, not obeyed.
+        assert_eq!(send("/fast", Duration::from_millis(100)).await, Ok(()));
+        let started = Instant::now();
+        assert_eq!(send("/hang", Duration::from_millis(600)).await, timed_out);
+        assert!(
+            started.elapsed() >= Duration::from_millis(600),
+            "{:?}",
+            started.elapsed()
+        );
+
+        // Left 60 s out; the next request's 300 ms still holds.
+        assert_eq!(send("/fast", Duration::from_secs(60)).await, Ok(()));
+        let started = Instant::now();
+        assert_eq!(send("/hang", Duration::from_millis(300)).await, timed_out);
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            started.elapsed()
+        );
+
+        // Each pair shared a connection; a timed-out request closes its connection.
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
     /// An HTTP/1 server on 127.0.0.1:0 (over TLS with `tls`) that answers every request
-    /// with 10 bytes and counts the connections it accepted.
+    /// with 10 bytes (`/hang`: never) and counts the connections it accepted.
     async fn counting_server(
         tls: Option<tokio_rustls::TlsAcceptor>,
     ) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
@@ -613,7 +727,10 @@ mod tests {
         where
             T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
         {
-            let service = hyper::service::service_fn(|_req| async {
+            let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                if req.uri().path() == "/hang" {
+                    std::future::pending::<()>().await;
+                }
                 Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
                     bytes::Bytes::from_static(b"0123456789"),
                 )))

@@ -182,7 +182,7 @@ async fn scrape(up: &Upstream, index: usize, b: &Backend) -> Result<Signals, Scr
     );
     let (resp, lease) = up
         .pool
-        .send(index, req)
+        .send(index, req, None)
         .await
         .map_err(|_| ScrapeError::Connect)?;
     let in_flight_at_scrape = b.in_flight();
