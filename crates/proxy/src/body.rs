@@ -5,13 +5,13 @@
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
+use crate::lazy_timer::LazyTimer;
 use crate::upstream::own_wakes::OwnWakes;
 use crate::upstream::pool::Lease;
 
@@ -247,16 +247,15 @@ struct Parts {
 /// poll (a client that is slow to take the response is `send_timeout`'s business). A body
 /// whose frames are ready when polled (most small ones) never touches the timer wheel.
 ///
-/// The timer is moved lazily, as nginx moves its timers: a new wait keeps the timer where
-/// an earlier wait put it (sooner than this wait's deadline) and moves it only when it
-/// fires. A stream of SSE events waits once per event; re-arming the timer each time
-/// took it out of tokio's timer wheel and put it back per event.
+/// The timer is moved lazily (`LazyTimer`): a stream of SSE events waits once per event,
+/// and re-arming a timer each time took it out of tokio's timer wheel and put it back per
+/// event.
 struct Idle {
     limit: Duration,
     /// When the current wait began; `None` while frames are coming.
     since: Option<Instant>,
-    /// Made on the first wait; its deadline may be an earlier wait's.
-    timer: Option<Pin<Box<Sleep>>>,
+    /// Its deadline may be an earlier wait's.
+    timer: LazyTimer,
 }
 
 impl Idle {
@@ -264,26 +263,14 @@ impl Idle {
         Idle {
             limit,
             since: None,
-            timer: None,
+            timer: LazyTimer::default(),
         }
     }
 
     /// Nothing is ready: start the clock if this wait is new, then see if it ran out.
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let deadline = *self.since.get_or_insert_with(Instant::now) + self.limit;
-        let timer = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        // Twice at most: a timer left at an earlier wait's deadline fires, is moved to this
-        // wait's, and is polled once more.
-        for _ in 0..2 {
-            ready!(timer.as_mut().poll(cx));
-            if timer.deadline() >= deadline {
-                return Poll::Ready(());
-            }
-            timer.as_mut().reset(deadline);
-        }
-        Poll::Pending
+        self.timer.poll_due(deadline, cx)
     }
 
     /// A frame came: the wait is over.

@@ -13,6 +13,7 @@ pub mod fd_table;
 pub mod forward;
 pub mod gate;
 pub mod headers;
+pub mod lazy_timer;
 pub mod listener;
 pub mod log_writer;
 pub mod logging;

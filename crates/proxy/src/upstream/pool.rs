@@ -30,6 +30,7 @@ use super::own_wakes::OwnWakes;
 use super::resolve::CachingResolver;
 use crate::body::Relay;
 use crate::config::BackendAddr;
+use crate::lazy_timer::LazyTimer;
 use http::{header, HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
@@ -41,10 +42,10 @@ use std::os::fd::AsFd;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{ready, Context, Poll, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
-use tokio::time::{Instant as TokioInstant, Sleep};
+use tokio::time::Instant as TokioInstant;
 use tokio_util::either::Either;
 use tower_service::Service;
 
@@ -85,8 +86,8 @@ struct Conn {
     wakes: OwnWakes,
     /// The worker whose epoll has the socket (`None`: a thread that is not a worker).
     home: Option<usize>,
-    /// The response-head deadline's timer, kept from one request to the next (`head_due`).
-    head_timer: Option<Pin<Box<Sleep>>>,
+    /// The response-head deadlines' timer, kept from one request to the next.
+    head_timer: LazyTimer,
 }
 
 impl Conn {
@@ -105,30 +106,6 @@ impl Conn {
     /// Whether the connection can take another request right now.
     fn reusable(&mut self, cx: &mut Context<'_>) -> bool {
         self.poll_drive(cx).is_pending() && self.tx.is_ready()
-    }
-
-    /// Whether `deadline` has passed. One timer serves every request on the connection and
-    /// is moved lazily, as the body's idle timer is: a request leaves it at an earlier
-    /// request's deadline (sooner than its own) and moves it only when it fires. A fresh
-    /// timer per request went into tokio's timer wheel and out again for every small
-    /// request; on a kept-alive connection this one does so about once per timeout.
-    fn head_due(&mut self, deadline: TokioInstant, cx: &mut Context<'_>) -> Poll<()> {
-        let timer = self
-            .head_timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if timer.deadline() > deadline {
-            timer.as_mut().reset(deadline);
-        }
-        // Twice at most: a timer left at an earlier deadline fires, is moved to this
-        // request's, and is polled once more.
-        for _ in 0..2 {
-            ready!(timer.as_mut().poll(cx));
-            if timer.deadline() >= deadline {
-                return Poll::Ready(());
-            }
-            timer.as_mut().reset(deadline);
-        }
-        Poll::Pending
     }
 }
 
@@ -353,7 +330,7 @@ impl Pool {
             done: false,
             wakes: OwnWakes::default(),
             home: crate::workers::current(),
-            head_timer: None,
+            head_timer: LazyTimer::default(),
         }))
     }
 
@@ -529,7 +506,7 @@ impl Lease {
                     // The connection is over and answered nothing: nothing more can come.
                     Poll::Pending if ended.is_some() => Poll::Ready(None),
                     Poll::Pending => match deadline {
-                        Some(at) if conn.head_due(at, cx).is_ready() => {
+                        Some(at) if conn.head_timer.poll_due(at, cx).is_ready() => {
                             timed_out = true;
                             Poll::Ready(None)
                         }
@@ -665,7 +642,7 @@ mod tests {
     }
 
     /// On a kept-alive connection one timer serves every request's response-head deadline
-    /// (`Conn::head_due`): each request still times out by its own deadline, whether an
+    /// (`LazyTimer`): each request still times out by its own deadline, whether an
     /// earlier request left the timer sooner than that or later.
     #[tokio::test]
     async fn each_request_on_a_kept_alive_connection_times_out_by_its_own_deadline() {
@@ -693,26 +670,17 @@ mod tests {
         };
         let timed_out = Err(SendError::TimedOut.detail());
 
-        // The timer is left at the first request's deadline, 100 ms out; the second's is
-        // 600 ms out: the timer fires at the first and must be moved, not obeyed.
-        assert_eq!(send("/fast", Duration::from_millis(100)).await, Ok(()));
-        let started = Instant::now();
-        assert_eq!(send("/hang", Duration::from_millis(600)).await, timed_out);
-        assert!(
-            started.elapsed() >= Duration::from_millis(600),
-            "{:?}",
-            started.elapsed()
-        );
-
-        // Left 60 s out; the next request's 300 ms still holds.
-        assert_eq!(send("/fast", Duration::from_secs(60)).await, Ok(()));
-        let started = Instant::now();
-        assert_eq!(send("/hang", Duration::from_millis(300)).await, timed_out);
-        assert!(
-            started.elapsed() >= Duration::from_millis(300),
-            "{:?}",
-            started.elapsed()
-        );
+        // A quick request leaves the timer at its deadline; the next request hangs. Left
+        // 100 ms out, the timer fires before the next request's 600 ms and must be moved,
+        // not obeyed; left 60 s out, the next request's 300 ms must still hold.
+        let ms = Duration::from_millis;
+        for (left_at, own) in [(ms(100), ms(600)), (Duration::from_secs(60), ms(300))] {
+            assert_eq!(send("/fast", left_at).await, Ok(()));
+            let started = Instant::now();
+            assert_eq!(send("/hang", own).await, timed_out);
+            let waited = started.elapsed();
+            assert!(waited >= own, "timed out after {waited:?}, before {own:?}");
+        }
 
         // Each pair shared a connection; a timed-out request closes its connection.
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
