@@ -169,9 +169,12 @@ pub struct PlainVisitor<'w> {
 }
 
 /// Printable ASCII without `"` and `\`: what `{:?}` writes unchanged between its quotes.
+/// Every byte is looked at, without an early exit, so the loop is vectorised (16 bytes a
+/// step); byte by byte it cost about 9 instructions a byte, some 600 per access line.
 pub(crate) fn needs_no_escaping(s: &str) -> bool {
-    s.bytes()
-        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    s.bytes().fold(true, |plain, b| {
+        plain & (0x20..0x7f).contains(&b) & (b != b'"') & (b != b'\\')
+    })
 }
 
 impl PlainVisitor<'_> {
@@ -588,6 +591,17 @@ pub(crate) mod tests {
         assert!(needs_no_escaping(""));
         for s in ["a\"b", "a\\b", "a\nb", "caf\u{e9}", "\u{1b}", "\u{7f}"] {
             assert!(!needs_no_escaping(s), "{s:?}");
+        }
+        // Every ASCII byte, at the start, inside and at the end of strings longer than a
+        // vector step: skipped exactly when `{:?}` would write the string unchanged.
+        for b in 0u8..0x80 {
+            for at in [0, 17, 47] {
+                let mut bytes = vec![b'x'; 48];
+                bytes[at] = b;
+                let s = String::from_utf8(bytes).unwrap();
+                let unchanged = format!("{s:?}") == format!("\"{s}\"");
+                assert_eq!(needs_no_escaping(&s), unchanged, "byte {b:#x} at {at}");
+            }
         }
     }
 }
