@@ -10,6 +10,21 @@ mod demo;
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's options, read once before `main` (its `malloc_conf` symbol, which this
+/// strong definition overrides; `_RJEM_MALLOC_CONF` in the environment still wins).
+///
+/// `slab_sizes`: every size class between one page and 16 KiB gets a 64 KiB slab. By
+/// default an 8 KiB class slab holds one region, so each of hyper's 8 KiB buffers (four
+/// per stream) not found in the thread cache allocated and later freed a whole extent:
+/// in a burst of 1,000 new streams that page-level bookkeeping was about a tenth of
+/// podproxy's instructions, and its metadata 1–2 KB of every slow stream's memory.
+/// Measured in benches/compare/RESULTS.md ("After run 19").
+#[cfg(feature = "jemalloc")]
+#[export_name = "_rjem_malloc_conf"]
+static MALLOC_CONF: Option<&'static u8> = Some(&MALLOC_OPTIONS[0]);
+#[cfg(feature = "jemalloc")]
+const MALLOC_OPTIONS: &[u8] = b"slab_sizes:4097-16384:16\0";
+
 use clap::{Parser, Subcommand};
 use proxy::config::Config;
 use proxy::reload::ConfigSource;
@@ -191,4 +206,51 @@ async fn run(config: Config, source: ConfigSource, fds: proxy::fd_table::Prepare
         .run(proxy::signals::shutdown())
         .await;
     ExitCode::SUCCESS
+}
+
+#[cfg(all(test, feature = "jemalloc"))]
+mod tests {
+    use std::ffi::{c_void, CStr};
+
+    /// Reads a `size_t`-sized (or `unsigned`-sized) jemalloc control by name.
+    fn mallctl<T: Default + Copy>(name: &CStr) -> T {
+        let mut value = T::default();
+        let mut len = std::mem::size_of::<T>();
+        // SAFETY: `name` is NUL-terminated; `value` is writable for `len` bytes, the size
+        // jemalloc documents for these controls; nothing is written to jemalloc.
+        let rc = unsafe {
+            tikv_jemalloc_sys::mallctl(
+                name.as_ptr(),
+                (&mut value as *mut T).cast::<c_void>(),
+                &mut len,
+                std::ptr::null_mut(),
+                0,
+            )
+        };
+        assert_eq!(rc, 0, "mallctl {name:?}");
+        value
+    }
+
+    /// The options reach jemalloc: the symbol it reads is this binary's, not its own
+    /// (weak) empty default, so the 8 KiB class's slab holds eight regions, not one.
+    #[test]
+    fn jemalloc_takes_podproxys_slab_sizes() {
+        let bins: u32 = mallctl(c"arenas.nbins");
+        let slab_of = |size: usize| {
+            (0..bins).find_map(|i| {
+                let size_name = format!("arenas.bin.{i}.size\0");
+                let name = CStr::from_bytes_with_nul(size_name.as_bytes()).ok()?;
+                (mallctl::<usize>(name) == size).then(|| {
+                    let slab_name = format!("arenas.bin.{i}.slab_size\0");
+                    CStr::from_bytes_with_nul(slab_name.as_bytes())
+                        .map(mallctl::<usize>)
+                        .ok()
+                })?
+            })
+        };
+        assert_eq!(slab_of(8192), Some(64 << 10));
+        assert_eq!(slab_of(16384), None, "16 KiB is a large class, not a bin");
+        // Below a page the defaults stay: the 2 KiB class's slab is one page.
+        assert_eq!(slab_of(2048), Some(4096));
+    }
 }
