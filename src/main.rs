@@ -14,8 +14,9 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// strong definition overrides; `_RJEM_MALLOC_CONF` in the environment still wins).
 ///
 /// `slab_sizes`: every size class between one page and 16 KiB gets a 64 KiB slab. By
-/// default an 8 KiB class slab holds one region, so each of hyper's 8 KiB buffers (four
-/// per stream) not found in the thread cache allocated and later freed a whole extent:
+/// default an 8 KiB class slab holds one region, so each 8 KiB allocation not found in the
+/// thread cache (five per stream: hyper's read and write buffers on both connections and
+/// its request channel's block) allocated and later freed a whole extent:
 /// in a burst of 1,000 new streams that page-level bookkeeping was about a tenth of
 /// podproxy's instructions, and its metadata 1–2 KB of every slow stream's memory.
 /// Measured in benches/compare/RESULTS.md ("After run 19").
